@@ -1,0 +1,160 @@
+"""The recipe's own TOML sections, merged into torchtitan's JobConfig.
+
+torchtitan 0.2.2 loads this module through `[job] custom_config_module = "remoe_recipe.config"`
+(the recipe's entry point adds it when absent): it looks for a dataclass named `JobConfig` whose fields
+are new sections. `[moe]` in TOML and `--moe.KEY value` on the command line then both work.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+ROUTERS = ("relu", "topk", "dense")
+EXPERT_IMPLS = ("grouped_mm", "loop")
+
+
+@dataclass
+class MoE:
+    router: Literal["relu", "topk", "dense"] = "relu"
+    """'relu': ReMoE (ReLU gates + adaptive L1). 'topk': softmax-then-TopK baseline with a
+    load-balancing loss. 'dense': no experts, one SwiGLU FFN of width ffn_expansion * ffn."""
+
+    num_experts: int = 8
+    """E: experts per layer (before granularity)."""
+
+    top_k: int = 1
+    """k: TopK's experts per token, and ReMoE's target sparsity 1 - k/E."""
+
+    granularity: int = 1
+    """G: E*G experts of width ffn/G with k*G active (the official --moe-granularity)."""
+
+    l1_coeff_init: float = 1e-8
+    """lambda_0 of the adaptive L1 penalty (paper: 1e-8)."""
+
+    l1_coeff_multiplier: float = 1.2
+    """alpha: lambda is multiplied by alpha while sparsity is below target, else divided (paper: 1.2)."""
+
+    load_balance: bool = True
+    """true: load-balance-aware L1 (paper Eq. 10); false: plain L1 (Eq. 9)."""
+
+    aux_loss_coeff: float = 1e-2
+    """TopK's Switch-style load-balancing loss coefficient (paper: 1e-2)."""
+
+    ffn_expansion: int = 1
+    """Dense baseline FFN width multiplier (the paper's Dense x8 is 8)."""
+
+    expert_impl: Literal["grouped_mm", "loop"] = "grouped_mm"
+    """How experts run: one torch._grouped_mm over all experts, or a per-expert loop."""
+
+
+@dataclass
+class JobConfig:
+    moe: MoE = field(default_factory=MoE)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+def _check_type(key: str, value, expected: type) -> None:
+    # bool is an int subclass in Python; a TOML `true` must not pass as a count.
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise ConfigError(
+            f"{key} = {value!r}: expected {expected.__name__}, got {type(value).__name__}"
+        )
+
+
+def validate_moe(moe: MoE) -> None:
+    """Raise ConfigError naming the `moe.*` key for any invalid value."""
+    for name, expected in (
+        ("num_experts", int),
+        ("top_k", int),
+        ("granularity", int),
+        ("ffn_expansion", int),
+        ("l1_coeff_init", float),
+        ("l1_coeff_multiplier", float),
+        ("aux_loss_coeff", float),
+        ("load_balance", bool),
+        ("router", str),
+        ("expert_impl", str),
+    ):
+        _check_type(f"moe.{name}", getattr(moe, name), expected)
+    if moe.router not in ROUTERS:
+        raise ConfigError(f"moe.router = {moe.router!r}: expected one of {ROUTERS}")
+    if moe.expert_impl not in EXPERT_IMPLS:
+        raise ConfigError(
+            f"moe.expert_impl = {moe.expert_impl!r}: expected one of {EXPERT_IMPLS}"
+        )
+    if moe.ffn_expansion < 1:
+        raise ConfigError(f"moe.ffn_expansion = {moe.ffn_expansion}: expected >= 1")
+    if moe.router == "dense":
+        return
+    if moe.ffn_expansion != 1:
+        raise ConfigError(
+            f"moe.ffn_expansion = {moe.ffn_expansion}: only the dense router widens the FFN "
+            f"(moe.router = {moe.router!r})"
+        )
+    if moe.num_experts < 2:
+        raise ConfigError(f"moe.num_experts = {moe.num_experts}: expected >= 2")
+    if moe.granularity < 1:
+        raise ConfigError(f"moe.granularity = {moe.granularity}: expected >= 1")
+    if not 1 <= moe.top_k < moe.num_experts:
+        raise ConfigError(
+            f"moe.top_k = {moe.top_k}: expected 1 <= top_k < moe.num_experts ({moe.num_experts})"
+        )
+    if moe.router == "relu":
+        if not moe.l1_coeff_init > 0:
+            raise ConfigError(f"moe.l1_coeff_init = {moe.l1_coeff_init}: expected > 0")
+        if not moe.l1_coeff_multiplier > 1:
+            raise ConfigError(
+                f"moe.l1_coeff_multiplier = {moe.l1_coeff_multiplier}: expected > 1"
+            )
+    if moe.router == "topk" and moe.aux_loss_coeff < 0:
+        raise ConfigError(f"moe.aux_loss_coeff = {moe.aux_loss_coeff}: expected >= 0")
+
+
+def _matches(value, annotation) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is typing.Any:
+        return True
+    if origin is typing.Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and (
+            not args or all(_matches(v, args[0]) for v in value)
+        )
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True  # an annotation this checker does not understand: let torchtitan decide
+
+
+def check_types(job_config) -> None:
+    """TOML values reach torchtitan's dataclasses unchecked; fail on a wrong type, naming the key."""
+    for section in dataclasses.fields(job_config):
+        value = getattr(job_config, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        hints = typing.get_type_hints(type(value))
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if dataclasses.is_dataclass(v):
+                continue
+            if not _matches(v, hints.get(f.name, typing.Any)):
+                raise ConfigError(
+                    f"{section.name}.{f.name} = {v!r}: expected {hints[f.name]}, got {type(v).__name__}"
+                )

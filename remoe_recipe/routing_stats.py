@@ -1,0 +1,77 @@
+"""Per-step routing statistics: accumulated on device over layers and micro-batches, reduced once.
+
+Sparsity is the paper's Eq. 8: the fraction of zero gates over all MoE layers, all micro-batches of
+the step and every rank that holds distinct tokens. Everything is kept as device tensors and all-reduced
+in one collective, so collecting it costs no host synchronisation.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from remoe_recipe.model.moe import RouterRecord
+
+
+@dataclass
+class ReducedRoutingStats:
+    sparsity: torch.Tensor  # 0-d: 1 - active pairs / (layers * tokens * experts), all ranks
+    layer_sparsity: torch.Tensor  # [L]
+    loss_term: torch.Tensor  # 0-d: mean over layers, micro-batches and ranks of the router loss term
+    layer_loss_term: torch.Tensor  # [L]
+    tokens_per_expert: torch.Tensor  # [L, N]: active pairs per expert, summed over the step
+    num_experts: int
+
+    @property
+    def active_experts_per_token(self) -> torch.Tensor:
+        return (1.0 - self.sparsity) * self.num_experts
+
+
+class StepRoutingStats:
+    def __init__(self, num_layers: int, num_experts: int, device: torch.device):
+        self.num_layers, self.num_experts, self.device = num_layers, num_experts, device
+        self.reset()
+
+    def reset(self) -> None:
+        L, N = self.num_layers, self.num_experts
+        self.active = torch.zeros(L, device=self.device)
+        self.slots = torch.zeros(L, device=self.device)
+        self.loss_terms = torch.zeros(L, device=self.device)
+        self.tokens_per_expert = torch.zeros(L, N, device=self.device)
+        self.forwards = torch.zeros(1, device=self.device)
+
+    def add(self, records: list[RouterRecord]) -> None:
+        """One micro-batch's records, one per MoE layer in layer order."""
+        if len(records) != self.num_layers:
+            raise RuntimeError(
+                f"expected one router record per MoE layer ({self.num_layers}), got {len(records)}"
+            )
+        counts = torch.stack([r.tokens_per_expert for r in records])
+        self.tokens_per_expert += counts
+        self.active += counts.sum(dim=1)
+        self.slots += torch.tensor(
+            [r.num_tokens * self.num_experts for r in records], dtype=torch.float32, device=self.device
+        )
+        self.loss_terms += torch.stack([r.loss_term.detach().float() for r in records])
+        self.forwards += 1
+
+    def reduce(self, group: dist.ProcessGroup | None) -> ReducedRoutingStats:
+        """Sum over the ranks of `group` (None: this process only) in one all-reduce."""
+        packed = torch.cat(
+            [self.active, self.slots, self.loss_terms, self.tokens_per_expert.flatten(), self.forwards]
+        )
+        if group is not None:
+            dist.all_reduce(packed, group=group)
+        L, N = self.num_layers, self.num_experts
+        active, slots, loss_terms = packed[:L], packed[L : 2 * L], packed[2 * L : 3 * L]
+        tokens_per_expert = packed[3 * L : 3 * L + L * N].view(L, N)
+        forwards = packed[-1].clamp(min=1)
+        layer_loss_term = loss_terms / forwards
+        return ReducedRoutingStats(
+            sparsity=1.0 - active.sum() / slots.sum().clamp(min=1),
+            layer_sparsity=1.0 - active / slots.clamp(min=1),
+            loss_term=layer_loss_term.mean(),
+            layer_loss_term=layer_loss_term,
+            tokens_per_expert=tokens_per_expert,
+            num_experts=N,
+        )

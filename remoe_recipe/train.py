@@ -1,0 +1,175 @@
+"""Training entry point: torchtitan 0.2.2's Trainer, subclassed for ReMoE.
+
+    torchrun --nproc_per_node N -m remoe_recipe.train --job.config_file train_configs/<run>.toml [--section.key value ...]
+    python -m remoe_recipe.train --job.config_file ...          # one process, no torchrun
+
+What the subclass adds to torchtitan's loop:
+- the router's auxiliary loss (ReMoE's lambda * L1, or TopK's load-balancing loss) on top of the LM loss;
+- the adaptive L1 controller: after every step's backward passes, sparsity is reduced over layers,
+  micro-batches and data-parallel ranks in one all-reduce, and lambda is multiplied or divided by alpha;
+- lambda in the checkpoint's train_state; MFU from active FLOPs at the measured sparsity;
+- `remoe/*` and `moe/*` TensorBoard scalars.
+"""
+
+import os
+import socket
+import sys
+from typing import Any
+
+import torch
+from torchtitan.config import ConfigManager
+from torchtitan.tools.logging import init_logger, logger
+from torchtitan.train import Trainer
+
+import remoe_recipe  # noqa: F401  registers the `remoe` train spec
+from remoe_recipe.config import ConfigError, check_types
+from remoe_recipe.platform import enable_cpu_training
+from remoe_recipe.router_loss import RouterLossWrapper
+from remoe_recipe.routing_stats import ReducedRoutingStats, StepRoutingStats
+from remoe_recipe.sparsity import L1CoefficientController
+
+CUSTOM_CONFIG_MODULE = "remoe_recipe.config"
+
+
+class ReMoETrainer(Trainer):
+    def __init__(self, job_config):
+        enable_cpu_training()  # no-op where an accelerator is present
+        super().__init__(job_config)
+        args = self.model_args
+        self.routing_stats: StepRoutingStats | None = None
+        self.l1_controller: L1CoefficientController | None = None
+        self.last_routing: ReducedRoutingStats | None = None
+        self.last_l1_coeff: torch.Tensor | None = None
+        if not args.is_moe:
+            return
+        self.routing_stats = StepRoutingStats(args.n_layers, args.num_routed_experts, self.device)
+        if args.moe.router == "relu":
+            self.l1_controller = L1CoefficientController(
+                args.moe.l1_coeff_init, args.moe.l1_coeff_multiplier, args.target_sparsity, self.device
+            )
+            coeff = lambda: self.l1_controller.coeff  # noqa: E731
+        else:
+            coeff = lambda: args.moe.aux_loss_coeff  # noqa: E731
+        # The validator was built with the plain LM loss; only training adds the router term.
+        self.loss_fn = RouterLossWrapper(
+            self.loss_fn, self.model_parts, coeff,
+            average_layers=args.moe.router == "relu", stats=self.routing_stats,
+        )
+        self.optimizers.register_step_pre_hook(lambda *a, **k: self._after_backward())
+
+    def _routing_group(self):
+        if not self.parallel_dims.dp_cp_enabled:
+            return None
+        return self.parallel_dims.get_mesh("loss").get_group()
+
+    def _after_backward(self) -> None:
+        """Runs once per step, after every micro-batch's backward (an optimizer step pre-hook)."""
+        self.last_routing = self.routing_stats.reduce(self._routing_group())
+        if self.l1_controller is not None:
+            self.last_l1_coeff = self.l1_controller.coeff
+            self.l1_controller.update(self.last_routing.sparsity)
+        if self.metrics_processor.should_log(self.step):
+            # MFU from the FLOPs this step actually ran (ReMoE: measured, not k/E).
+            active = float(self.last_routing.active_experts_per_token.item())
+            self.metrics_processor.num_flops_per_token = int(
+                self.model_args.flops_per_token(self.job_config.training.seq_len, active)
+            )
+
+    def train_step(self, data_iterator) -> None:
+        if self.routing_stats is not None:
+            self.routing_stats.reset()
+        super().train_step(data_iterator)
+        if self.routing_stats is not None and self.metrics_processor.should_log(self.step):
+            self._log_routing()
+
+    def routing_metrics(self) -> dict[str, float]:
+        r = self.last_routing
+        if r is None:
+            return {}
+        if self.l1_controller is None:
+            return {
+                "moe/aux_loss": float(r.loss_term.item()),
+                "moe/active_experts_per_token": float(r.active_experts_per_token.item()),
+            }
+        return {
+            "remoe/sparsity": float(r.sparsity.item()),
+            "remoe/l1_coeff": float(self.last_l1_coeff.item()),
+            "remoe/l1_loss": float(r.loss_term.item()),
+            "remoe/active_experts_per_token": float(r.active_experts_per_token.item()),
+        }
+
+    def _log_routing(self) -> None:
+        metrics = self.routing_metrics()
+        self.metrics_processor.logger.log(metrics, self.step)
+        logger.info(f"step: {self.step:2}  " + "  ".join(f"{k}: {v:.4g}" for k, v in metrics.items()))
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.l1_controller is not None:
+            state.update(self.l1_controller.state_dict())
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.l1_controller is not None:
+            if "l1_coeff" not in state_dict:
+                raise ValueError("checkpoint train_state has no l1_coeff: it was not saved by a ReMoE (relu) run")
+            self.l1_controller.load_state_dict(state_dict)
+
+
+def _with_recipe_config(argv: list[str]) -> list[str]:
+    if any(a.split("=")[0] in ("--job.custom_config_module", "--job.custom-config-module") for a in argv):
+        return argv
+    return ["--job.custom_config_module", CUSTOM_CONFIG_MODULE, *argv]
+
+
+def _single_process_env() -> None:
+    """`python -m remoe_recipe.train` without torchrun: a world of one on a free local port."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+
+
+def parse_config(argv: list[str]):
+    """torchtitan's TOML + CLI parsing with the recipe's [moe] section, then the recipe's checks."""
+    config = ConfigManager().parse_args(_with_recipe_config(argv))
+    check_types(config)
+    from remoe_recipe.validate import validate_job_config
+
+    validate_job_config(config)
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
+    init_logger()
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config = parse_config(argv)
+    except (ConfigError, FileNotFoundError) as e:
+        logger.error(f"config error: {e}")
+        raise SystemExit(2) from None
+    _single_process_env()
+    trainer: ReMoETrainer | None = None
+    try:
+        trainer = ReMoETrainer(config)
+        if config.checkpoint.create_seed_checkpoint:
+            if int(os.environ["WORLD_SIZE"]) != 1 or not config.checkpoint.enable:
+                raise ConfigError("checkpoint.create_seed_checkpoint needs one process and checkpoint.enable")
+            trainer.checkpointer.save(curr_step=0, last_step=True)
+        else:
+            trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
