@@ -3,10 +3,10 @@
 from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
-from torchtitan.components.validate import build_validator
 from torchtitan.protocols.train_spec import TrainSpec
 
 from remoe_recipe.data import build_dataloader, build_tiktoken_tokenizer
+from remoe_recipe.evaluation import build_validator
 from remoe_recipe.infra.parallelize import parallelize_remoe
 from remoe_recipe.model import ReMoETransformer, remoe_flavors
 

@@ -142,6 +142,10 @@ class ReMoETransformer(ModelProtocol):
         self.norm.reset_parameters()
         nn.init.normal_(self.output.weight, mean=0.0, std=args.init_std)
 
+    def get_attention_masks(self, *args, **kwargs):
+        # torchtitan's Validator asks every model for masks and skips them on TypeError (causal SDPA).
+        raise TypeError("ReMoETransformer uses causal SDPA and builds no attention masks")
+
     def moe_layers(self) -> list[MoE]:
         return [layer.moe for layer in self.layers.values() if layer.moe_enabled]
 

@@ -1,0 +1,165 @@
+"""Packed next-token samples from a document source, sharded over ranks, exactly resumable."""
+
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.utils.data import IterableDataset, get_worker_info
+from torchtitan.components.tokenizer import BaseTokenizer
+from torchtitan.tools.logging import logger
+
+from remoe_recipe.data.sources import Source
+
+
+class PackedTextDataset(IterableDataset, Stateful):
+    """Yields ({"input": x}, y): x = buf[:seq_len], y = buf[1:seq_len + 1] (LongTensors).
+
+    Every document is tokenized with one EOS appended (the official --append-eod) and appended
+    to a token buffer; consecutive samples start seq_len tokens apart, so the last label of one
+    sample is the first input of the next and no token is dropped or padded. Leftover tokens
+    carry over to the next document and, when `infinite`, to the next epoch; a finite (one
+    pass) dataset drops the last < seq_len + 1 tokens and restarts on the next iteration.
+
+    Sharding: document i (in source order) goes to dp rank i % dp_world_size; with dataloader
+    workers, a rank's j-th document goes to worker j % num_workers. Each (rank, worker) packs
+    its own stream.
+
+    State (per worker, saved by StatefulDataLoader): next document index, epoch, the unread
+    part of the token buffer. Restoring it replays the exact same samples.
+
+    restart_each_iter=True (validation): every new iteration starts again at the first document,
+    so each validation run scores the same samples even when it stops early (validation.steps),
+    unless a state was loaded just before.
+
+    return_source=True adds input_dict["source"], the source label (e.g. play) of the document
+    holding the sample's first input token. Off by default: torchtitan passes every input_dict
+    entry to the model's forward, so training batches must hold only tensors the model accepts.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        tokenizer: BaseTokenizer,
+        seq_len: int,
+        dp_rank: int = 0,
+        dp_world_size: int = 1,
+        infinite: bool = True,
+        return_source: bool = False,
+        restart_each_iter: bool = False,
+        name: str = "dataset",
+    ) -> None:
+        if seq_len < 1:
+            raise ValueError(f"seq_len = {seq_len}: expected >= 1")
+        if not 0 <= dp_rank < dp_world_size:
+            raise ValueError(f"dp_rank = {dp_rank} not in [0, dp_world_size = {dp_world_size})")
+        if tokenizer.eos_id is None:
+            raise ValueError("the tokenizer has no eos_id; documents need an EOS separator")
+        self.source = source
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.dp_rank = dp_rank
+        self.dp_world_size = dp_world_size
+        self.infinite = infinite
+        self.return_source = return_source
+        self.restart_each_iter = restart_each_iter
+        self.name = name
+        self._reset_position()
+        self._epoch = 0
+        self._state_loaded = False
+
+    def _reset_position(self) -> None:
+        self._doc_idx = 0  # index in the whole source (all ranks) of the next document to read
+        self._buffer: list[int] = []
+        self._pos = 0  # tokens of _buffer before _pos are already consumed
+        self._segments: list[list] = []  # [source label, n tokens] runs of _buffer[_pos:]
+
+    def _shard(self) -> tuple[int, int]:
+        """(stride, offset): this (rank, worker) reads documents i with i % stride == offset."""
+        info = get_worker_info()
+        n_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        # Rank r's j-th document is i = r + j * W; worker w takes j % n_workers == w.
+        return self.dp_world_size * n_workers, self.dp_rank + worker * self.dp_world_size
+
+    def __iter__(self):
+        if self.restart_each_iter and not self._state_loaded:
+            self._reset_position()
+        self._state_loaded = False
+        stride, offset = self._shard()
+        seq_len = self.seq_len
+        while True:
+            n_docs = 0
+            docs = self.source()
+            try:
+                for i, doc in enumerate(docs):
+                    if i < self._doc_idx or i % stride != offset:
+                        continue
+                    self._add_document(doc)
+                    self._doc_idx = i + 1
+                    n_docs += 1
+                    while len(self._buffer) - self._pos > seq_len:
+                        yield self._next_sample(seq_len)
+            finally:
+                if hasattr(docs, "close"):  # release the file now, not at garbage collection
+                    docs.close()
+            if not self.infinite:
+                # One pass; the next iteration (next validation run) starts over.
+                self._reset_position()
+                self._epoch += 1
+                return
+            if n_docs == 0 and self._doc_idx == 0:
+                raise ValueError(
+                    f"{self.name}: no documents for dp rank {self.dp_rank} (of "
+                    f"{self.dp_world_size}) and this dataloader worker; the source has too "
+                    "few documents for this many ranks/workers"
+                )
+            self._epoch += 1
+            self._doc_idx = 0
+            logger.info(f"{self.name}: dp rank {self.dp_rank} starts epoch {self._epoch}")
+
+    def _add_document(self, doc: dict) -> None:
+        tokens = self.tokenizer.encode(doc["text"], add_bos=False, add_eos=True)
+        # Drop consumed tokens before growing, so the buffer stays about one document long.
+        del self._buffer[: self._pos]
+        self._pos = 0
+        self._buffer.extend(tokens)
+        if self.return_source:
+            self._segments.append([str(doc.get("source", self.name)), len(tokens)])
+
+    def _next_sample(self, seq_len: int):
+        chunk = torch.tensor(self._buffer[self._pos : self._pos + seq_len + 1], dtype=torch.long)
+        self._pos += seq_len
+        inputs: dict[str, Any] = {"input": chunk[:-1]}
+        if self.return_source:
+            inputs["source"] = self._consume_segments(seq_len)
+        return inputs, chunk[1:]
+
+    def _consume_segments(self, n: int) -> str:
+        first = self._segments[0][0]
+        while n > 0:
+            k = min(n, self._segments[0][1])
+            self._segments[0][1] -= k
+            n -= k
+            if self._segments[0][1] == 0:
+                self._segments.pop(0)
+        return first
+
+    def state_dict(self) -> dict[str, Any]:
+        # Copies: the saved state must not change when iteration continues.
+        state = {
+            "doc_idx": self._doc_idx,
+            "epoch": self._epoch,
+            "token_buffer": self._buffer[self._pos :],
+        }
+        if self.return_source:
+            state["segments"] = [list(s) for s in self._segments]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._doc_idx = state_dict["doc_idx"]
+        self._epoch = state_dict["epoch"]
+        self._buffer = list(state_dict["token_buffer"])
+        self._pos = 0
+        self._segments = [list(s) for s in state_dict.get("segments", [])]
+        self._state_loaded = True
+        if self.return_source and not self._segments and self._buffer:
+            self._segments = [["unknown", len(self._buffer)]]
