@@ -1,0 +1,62 @@
+"""Helpers for tests that run the real entry point (`python -m remoe_recipe.train` / torchrun)
+in a subprocess and read back what it wrote to TensorBoard."""
+
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "train_configs"
+
+# A CPU-sized run: the debug model on short sequences, every step logged, no validation.
+FAST = [
+    "--training.seq_len", "64",
+    "--training.local_batch_size", "4",
+    "--metrics.log_freq", "1",
+    "--validation.no-enable",
+    "--checkpoint.no-enable",
+]
+
+
+def run_training(config: str, dump: Path, *overrides: str, nproc: int = 1, timeout: int = 600):
+    """Run one training job; raise with its output if it fails."""
+    args = ["--job.config_file", str(CONFIGS / config), "--job.dump_folder", str(dump), *FAST, *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "remoe_recipe.train", *args]
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "remoe_recipe.train", *args,
+        ]
+    env = dict(os.environ, OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def read_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    """All scalars under log_dir (every event file, later files win), as {tag: {step: value}}."""
+    scalars: dict[str, dict[int, float]] = {}
+    files = sorted(glob.glob(str(log_dir / "**" / "events.out.tfevents.*"), recursive=True), key=os.path.getmtime)
+    for path in files:
+        # Raw events: TensorBoard's EventAccumulator silently purges some of them.
+        for event in EventFileLoader(path).Load():
+            for value in event.summary.value:
+                number = value.simple_value if value.HasField("simple_value") else _tensor_value(value)
+                if number is not None:
+                    scalars.setdefault(value.tag, {})[event.step] = number
+    return scalars
+
+
+def _tensor_value(value) -> float | None:
+    from tensorboard.util import tensor_util
+
+    if not value.HasField("tensor"):
+        return None
+    array = tensor_util.make_ndarray(value.tensor)
+    return float(array) if array.size == 1 else None

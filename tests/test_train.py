@@ -1,0 +1,139 @@
+"""End-to-end training through the real entry point, on CPU, checked against what it logs."""
+
+import math
+
+import pytest
+
+from remoe_recipe.config import ConfigError
+from remoe_recipe.train import parse_config
+from tests.runs import CONFIGS, read_scalars, run_training
+
+STEPS = 60
+ALPHA = 1.2
+TARGET = 1 - 1 / 8  # debug configs: E = 8, k = 1
+# A larger lambda_0 than the paper's 1e-8 so that a 60-step test reaches the sparse stage.
+REMOE_FAST = ["--moe.l1_coeff_init", "1e-3", "--training.steps", str(STEPS), "--lr_scheduler.warmup_steps", "5"]
+
+
+@pytest.fixture(scope="module")
+def remoe_run(tmp_path_factory):
+    dump = tmp_path_factory.mktemp("remoe")
+    run_training("debug_remoe.toml", dump, *REMOE_FAST)
+    return read_scalars(dump)
+
+
+def _series(scalars, tag):
+    values = scalars[tag]
+    return [values[s] for s in sorted(values)]
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_remoe_loss_falls_and_sparsity_reaches_target(remoe_run):
+    loss = _series(remoe_run, "loss_metrics/global_avg_loss")
+    assert len(loss) == STEPS
+    assert _mean(loss[-5:]) < _mean(loss[:5]) - 1.0, loss
+    sparsity = _series(remoe_run, "remoe/sparsity")
+    # Dense start (ReLU gates at init: about half active), then the controller drives S to 1 - k/E.
+    assert sparsity[0] < 0.7
+    assert abs(_mean(sparsity[-10:]) - TARGET) < 0.04, sparsity[-10:]
+
+
+def test_l1_coeff_follows_the_alpha_rule_step_by_step(remoe_run):
+    """lambda_{i+1} = lambda_i * alpha if S_i < 1 - k/E else lambda_i / alpha (paper Eq. 7)."""
+    lam, sparsity = remoe_run["remoe/l1_coeff"], remoe_run["remoe/sparsity"]
+    assert lam[1] == pytest.approx(1e-3, rel=1e-6)
+    steps = sorted(lam)
+    ups = downs = 0
+    for i, j in zip(steps, steps[1:]):
+        expected = lam[i] * ALPHA if sparsity[i] < TARGET else lam[i] / ALPHA
+        assert lam[j] == pytest.approx(expected, rel=1e-5), (i, sparsity[i], lam[i], lam[j])
+        ups += sparsity[i] < TARGET
+        downs += sparsity[i] >= TARGET
+    assert ups and downs  # the run went through both branches of the rule
+
+
+def test_l1_loss_is_logged_and_positive(remoe_run):
+    l1 = _series(remoe_run, "remoe/l1_loss")
+    assert all(v > 0 and math.isfinite(v) for v in l1)
+
+
+@pytest.mark.parametrize("config", ["debug_topk.toml", "debug_dense.toml"])
+def test_baselines_train(config, tmp_path):
+    run_training(config, tmp_path, "--training.steps", "30", "--lr_scheduler.warmup_steps", "5")
+    scalars = read_scalars(tmp_path)
+    loss = _series(scalars, "loss_metrics/global_avg_loss")
+    assert _mean(loss[-5:]) < _mean(loss[:5]) - 0.5, loss
+    assert not any(tag.startswith("remoe/") for tag in scalars)
+    if config == "debug_topk.toml":
+        aux = _series(scalars, "moe/aux_loss")
+        # The Switch loss is >= 1 with equality at perfect balance (general-k form, k = 1).
+        assert all(v >= 1 - 1e-4 for v in aux)
+        assert _series(scalars, "moe/active_experts_per_token") == pytest.approx([1.0] * len(aux))
+    else:
+        assert "moe/aux_loss" not in scalars
+
+
+def test_resume_continues_the_run_exactly(tmp_path):
+    """Stop after step 6, start the same command again: steps 7..12 equal the uninterrupted run."""
+    common = [
+        "--checkpoint.enable", "--checkpoint.interval", "3", "--lr_scheduler.total_steps", "12",
+        "--lr_scheduler.warmup_steps", "3", "--moe.l1_coeff_init", "1e-2",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_training("debug_remoe.toml", straight, *common, "--training.steps", "12")
+    run_training("debug_remoe.toml", resumed, *common, "--training.steps", "6")
+    run_training("debug_remoe.toml", resumed, *common, "--training.steps", "12")
+    a, b = read_scalars(straight), read_scalars(resumed)
+    for tag in ("loss_metrics/global_avg_loss", "remoe/l1_coeff", "remoe/sparsity", "remoe/l1_loss", "lr"):
+        for step in range(1, 13):
+            assert b[tag][step] == pytest.approx(a[tag][step], rel=1e-4, abs=1e-6), (tag, step)
+
+
+@pytest.mark.slow
+def test_two_ranks_with_gradient_accumulation_share_lambda(tmp_path):
+    """2 processes (gloo), 2 micro-batches each: every rank logs the same lambda and sparsity."""
+    run_training(
+        "debug_remoe.toml", tmp_path, "--training.steps", "8", "--training.global_batch_size", "16",
+        "--metrics.save_for_all_ranks", "--moe.l1_coeff_init", "1e-2", nproc=2,
+    )
+    ranks = [read_scalars(d) for d in sorted(tmp_path.glob("tb/*/rank_*"))]
+    assert len(ranks) == 2
+    for tag in ("remoe/l1_coeff", "remoe/sparsity", "loss_metrics/global_avg_loss"):
+        assert ranks[0][tag] == ranks[1][tag], tag
+        assert len(ranks[0][tag]) == 8
+    lam, s = ranks[0]["remoe/l1_coeff"], ranks[0]["remoe/sparsity"]
+    for i in range(1, 8):
+        expected = lam[i] * ALPHA if s[i] < TARGET else lam[i] / ALPHA
+        assert lam[i + 1] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        (["--moe.top_k", "8"], "moe.top_k"),
+        (["--moe.router", "softmax"], "moe.router"),
+        (["--model.flavor", "7B"], "model.flavor"),
+        (["--moe.granularity", "3"], "moe.granularity"),
+        (["--moe.l1_coeff_multiplier", "0.9"], "moe.l1_coeff_multiplier"),
+    ],
+)
+def test_bad_config_names_the_key(override, key):
+    with pytest.raises((ConfigError, SystemExit)) as info:
+        parse_config(["--job.config_file", str(CONFIGS / "debug_remoe.toml"), *override])
+    if info.type is ConfigError:
+        assert key in str(info.value)
+
+
+def test_bad_toml_type_and_unknown_key(tmp_path):
+    text = (CONFIGS / "debug_remoe.toml").read_text()
+    wrong_type = tmp_path / "wrong_type.toml"
+    wrong_type.write_text(text.replace("num_experts = 8", 'num_experts = "8"'))
+    with pytest.raises(ConfigError, match="moe.num_experts"):
+        parse_config(["--job.config_file", str(wrong_type)])
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text(text.replace("top_k = 1", "top_k = 1\nnum_expert = 8"))
+    with pytest.raises(ValueError, match="num_expert"):
+        parse_config(["--job.config_file", str(unknown)])
