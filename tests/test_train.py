@@ -89,7 +89,7 @@ def test_resume_continues_the_run_exactly(tmp_path):
     a, b = read_scalars(straight), read_scalars(resumed)
     for tag in ("loss_metrics/global_avg_loss", "remoe/l1_coeff", "remoe/sparsity", "remoe/l1_loss", "lr"):
         for step in range(1, 13):
-            assert b[tag][step] == pytest.approx(a[tag][step], rel=1e-4, abs=1e-6), (tag, step)
+            assert b[tag][step] == pytest.approx(a[tag][step], rel=1e-6, abs=1e-9), (tag, step)
 
 
 @pytest.mark.slow

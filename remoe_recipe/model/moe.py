@@ -42,11 +42,18 @@ def _run_aligned(fn, w1, w2, w3, x, num_tokens_per_expert) -> torch.Tensor:
             use_cpu=x.device.type == "cpu",
         )
         permuted = permuted.to(x.device)
-    x = torch.vstack((x, x.new_zeros((1, x.shape[-1]))))  # index -1 (padding) reads this zero row
-    out = fn(w1, w2, w3, x[permuted], padded_counts.to(x.device))
-    unpermuted = out.new_empty(x.shape)
-    unpermuted[permuted] = out
-    return unpermuted[:-1]
+    num_rows = x.shape[0]
+    # Padding slots (-1) read an appended zero row. index_select, not x[idx]: its backward is
+    # index_add_, deterministic on CPU, where advanced-indexing's accumulate is not.
+    gather = torch.where(permuted < 0, num_rows, permuted)
+    x = torch.vstack((x, x.new_zeros((1, x.shape[-1]))))
+    out = fn(w1, w2, w3, x.index_select(0, gather), padded_counts.to(x.device))
+    # Each real row appears once in `permuted`: invert it to read the outputs back in order.
+    slots = torch.arange(permuted.shape[0], device=x.device)
+    real = permuted >= 0
+    inverse = torch.empty(num_rows, dtype=torch.long, device=x.device)
+    inverse[permuted[real].long()] = slots[real]
+    return out.index_select(0, inverse)
 
 
 class Experts(GroupedExperts):
@@ -117,8 +124,10 @@ class MoE(nn.Module):
         tokens_per_expert = routing.mask.sum(dim=0)
         # Expert-major list of active pairs: tokens of expert 0, then of expert 1, ...
         expert_idx, token_idx = routing.mask.t().nonzero(as_tuple=True)
-        routed_out = self.experts(x[token_idx], tokens_per_expert)
-        weights = routing.gates[token_idx, expert_idx].unsqueeze(-1)
+        # index_select rather than advanced indexing: deterministic backward on CPU.
+        routed_out = self.experts(x.index_select(0, token_idx), tokens_per_expert)
+        flat_pair = token_idx * self.num_experts + expert_idx
+        weights = routing.gates.flatten().index_select(0, flat_pair).unsqueeze(-1)
         # Tokens with no active expert keep a zero row: only the residual carries them.
         out = torch.zeros_like(x).index_add_(0, token_idx, (routed_out.float() * weights).to(x.dtype))
         if not in_recompute():
