@@ -36,6 +36,13 @@ class ReMoETrainer(Trainer):
         enable_cpu_training()  # no-op where an accelerator is present
         super().__init__(job_config)
         args = self.model_args
+        seq_len = job_config.training.seq_len
+        logger.info(
+            f"ReMoE model: {args.param_counts().total:,} parameters in total, "
+            f"{args.active_params():,.0f} active per token and "
+            f"{args.flops_per_token(seq_len):,.0f} training FLOPs per token at "
+            f"{args.routed_top_k if args.is_moe else 0} experts per token (ReMoE: MFU follows the measured sparsity)"
+        )
         self.routing_stats: StepRoutingStats | None = None
         self.l1_controller: L1CoefficientController | None = None
         self.last_routing: ReducedRoutingStats | None = None
