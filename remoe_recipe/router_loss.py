@@ -16,6 +16,7 @@ so torchtitan's logged loss is comparable across routers; the router terms are l
 from collections.abc import Callable
 
 import torch
+from torchtitan.components.loss import IGNORE_INDEX
 
 from remoe_recipe.routing_stats import StepRoutingStats
 
@@ -40,7 +41,7 @@ class RouterLossWrapper:
         records = [r for part in self.model_parts for r in part.pop_router_records()]
         if not records:
             return loss_sum
-        self.stats.add(records)
+        self.stats.add(records, loss_sum, (labels != IGNORE_INDEX).sum())
         terms = torch.stack([r.loss_term for r in records])
         term = terms.mean() if self.average_layers else terms.sum()
         aux = self.coeff() * records[0].num_tokens * term

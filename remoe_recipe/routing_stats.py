@@ -20,6 +20,7 @@ class ReducedRoutingStats:
     loss_term: torch.Tensor  # 0-d: mean over layers, micro-batches and ranks of the router loss term
     layer_loss_term: torch.Tensor  # [L]
     tokens_per_expert: torch.Tensor  # [L, N]: active pairs per expert, summed over the step
+    lm_loss: torch.Tensor  # 0-d: the step's language-model loss per valid token, all ranks
     num_experts: int
 
     @property
@@ -39,9 +40,10 @@ class StepRoutingStats:
         self.loss_terms = torch.zeros(L, device=self.device)
         self.tokens_per_expert = torch.zeros(L, N, device=self.device)
         self.forwards = torch.zeros(1, device=self.device)
+        self.lm_loss = torch.zeros(2, device=self.device)  # [loss sum, valid tokens]
 
-    def add(self, records: list[RouterRecord]) -> None:
-        """One micro-batch's records, one per MoE layer in layer order."""
+    def add(self, records: list[RouterRecord], lm_loss_sum: torch.Tensor, lm_tokens: torch.Tensor) -> None:
+        """One micro-batch: its records (one per MoE layer, in layer order) and its LM loss sum."""
         if len(records) != self.num_layers:
             raise RuntimeError(
                 f"expected one router record per MoE layer ({self.num_layers}), got {len(records)}"
@@ -54,17 +56,22 @@ class StepRoutingStats:
         )
         self.loss_terms += torch.stack([r.loss_term.detach().float() for r in records])
         self.forwards += 1
+        self.lm_loss += torch.stack([lm_loss_sum.detach().float(), lm_tokens.float()])
 
     def reduce(self, group: dist.ProcessGroup | None) -> ReducedRoutingStats:
         """Sum over the ranks of `group` (None: this process only) in one all-reduce."""
         packed = torch.cat(
-            [self.active, self.slots, self.loss_terms, self.tokens_per_expert.flatten(), self.forwards]
+            [
+                self.active, self.slots, self.loss_terms, self.tokens_per_expert.flatten(),
+                self.lm_loss, self.forwards,
+            ]
         )
         if group is not None:
             dist.all_reduce(packed, group=group)
         L, N = self.num_layers, self.num_experts
         active, slots, loss_terms = packed[:L], packed[L : 2 * L], packed[2 * L : 3 * L]
         tokens_per_expert = packed[3 * L : 3 * L + L * N].view(L, N)
+        lm_loss_sum, lm_tokens = packed[-3], packed[-2]
         forwards = packed[-1].clamp(min=1)
         layer_loss_term = loss_terms / forwards
         return ReducedRoutingStats(
@@ -73,5 +80,6 @@ class StepRoutingStats:
             loss_term=layer_loss_term.mean(),
             layer_loss_term=layer_loss_term,
             tokens_per_expert=tokens_per_expert,
+            lm_loss=lm_loss_sum / lm_tokens.clamp(min=1),
             num_experts=N,
         )

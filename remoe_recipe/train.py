@@ -8,7 +8,7 @@ What the subclass adds to torchtitan's loop:
 - the adaptive L1 controller: after every step's backward passes, sparsity is reduced over layers,
   micro-batches and data-parallel ranks in one all-reduce, and lambda is multiplied or divided by alpha;
 - lambda in the checkpoint's train_state; MFU from active FLOPs at the measured sparsity;
-- `remoe/*` and `moe/*` TensorBoard scalars.
+- routing metrics for TensorBoard (`remoe/*`, `moe/*`, `moe_layers/*`, the expert-load image).
 """
 
 import os
@@ -23,6 +23,7 @@ from torchtitan.train import Trainer
 
 import remoe_recipe  # noqa: F401  registers the `remoe` train spec
 from remoe_recipe.config import ConfigError, check_types
+from remoe_recipe.metrics import RoutingMonitor, tensorboard_writer
 from remoe_recipe.platform import enable_cpu_training
 from remoe_recipe.router_loss import RouterLossWrapper
 from remoe_recipe.routing_stats import ReducedRoutingStats, StepRoutingStats
@@ -46,10 +47,14 @@ class ReMoETrainer(Trainer):
         self.routing_stats: StepRoutingStats | None = None
         self.l1_controller: L1CoefficientController | None = None
         self.last_routing: ReducedRoutingStats | None = None
-        self.last_l1_coeff: torch.Tensor | None = None
+        self.pending_routing_log = None
         if not args.is_moe:
             return
         self.routing_stats = StepRoutingStats(args.n_layers, args.num_routed_experts, self.device)
+        self.routing_monitor = RoutingMonitor(
+            args.n_layers, args.num_routed_experts,
+            args.target_sparsity if args.moe.router == "relu" else None, self.device,
+        )
         if args.moe.router == "relu":
             self.l1_controller = L1CoefficientController(
                 args.moe.l1_coeff_init, args.moe.l1_coeff_multiplier, args.target_sparsity, self.device
@@ -70,14 +75,17 @@ class ReMoETrainer(Trainer):
         return self.parallel_dims.get_mesh("loss").get_group()
 
     def _after_backward(self) -> None:
-        """Runs once per step, after every micro-batch's backward (an optimizer step pre-hook)."""
+        """Runs once per step, after every micro-batch's backward (an optimizer step pre-hook).
+        One small all-reduce on the device every step; a host transfer only at logged steps."""
         self.last_routing = self.routing_stats.reduce(self._routing_group())
+        coeff_used = self.l1_controller.coeff if self.l1_controller is not None else None
+        self.routing_monitor.observe(self.step, self.last_routing, coeff_used)
         if self.l1_controller is not None:
-            self.last_l1_coeff = self.l1_controller.coeff
             self.l1_controller.update(self.last_routing.sparsity)
         if self.metrics_processor.should_log(self.step):
+            self.pending_routing_log = self.routing_monitor.collect(self.last_routing, coeff_used)
             # MFU from the FLOPs this step actually ran (ReMoE: measured, not k/E).
-            active = float(self.last_routing.active_experts_per_token.item())
+            active = self.pending_routing_log[0]["moe/active_experts_per_token"]
             self.metrics_processor.num_flops_per_token = int(
                 self.model_args.flops_per_token(self.job_config.training.seq_len, active)
             )
@@ -86,29 +94,17 @@ class ReMoETrainer(Trainer):
         if self.routing_stats is not None:
             self.routing_stats.reset()
         super().train_step(data_iterator)
-        if self.routing_stats is not None and self.metrics_processor.should_log(self.step):
-            self._log_routing()
+        if self.pending_routing_log is not None:
+            self._log_routing(*self.pending_routing_log)
+            self.pending_routing_log = None
 
-    def routing_metrics(self) -> dict[str, float]:
-        r = self.last_routing
-        if r is None:
-            return {}
-        if self.l1_controller is None:
-            return {
-                "moe/aux_loss": float(r.loss_term.item()),
-                "moe/active_experts_per_token": float(r.active_experts_per_token.item()),
-            }
-        return {
-            "remoe/sparsity": float(r.sparsity.item()),
-            "remoe/l1_coeff": float(self.last_l1_coeff.item()),
-            "remoe/l1_loss": float(r.loss_term.item()),
-            "remoe/active_experts_per_token": float(r.active_experts_per_token.item()),
-        }
-
-    def _log_routing(self) -> None:
-        metrics = self.routing_metrics()
-        self.metrics_processor.logger.log(metrics, self.step)
-        logger.info(f"step: {self.step:2}  " + "  ".join(f"{k}: {v:.4g}" for k, v in metrics.items()))
+    def _log_routing(self, scalars: dict[str, float], load_image) -> None:
+        self.metrics_processor.logger.log(scalars, self.step)
+        writer = tensorboard_writer(self.metrics_processor.logger)
+        if writer is not None:
+            writer.add_image("moe/expert_load", load_image, self.step, dataformats="HWC")
+        shown = [k for k in scalars if not k.startswith("moe_layers/") and k != "moe/sparsity"]
+        logger.info(f"step: {self.step:2}  " + "  ".join(f"{k}: {scalars[k]:.4g}" for k in shown))
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -47,6 +47,8 @@ def read_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
         # Raw events: TensorBoard's EventAccumulator silently purges some of them.
         for event in EventFileLoader(path).Load():
             for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "images":
+                    continue
                 number = value.simple_value if value.HasField("simple_value") else _tensor_value(value)
                 if number is not None:
                     scalars.setdefault(value.tag, {})[event.step] = number
@@ -60,3 +62,16 @@ def _tensor_value(value) -> float | None:
         return None
     array = tensor_util.make_ndarray(value.tensor)
     return float(array) if array.size == 1 else None
+
+
+def image_tags(log_dir: Path) -> set[str]:
+    """Tags of the images written under log_dir."""
+    tags = set()
+    for path in glob.glob(str(log_dir / "**" / "events.out.tfevents.*"), recursive=True):
+        for event in EventFileLoader(path).Load():
+            # EventFileLoader migrates legacy image summaries to tensors of the "images" plugin.
+            tags.update(
+                v.tag for v in event.summary.value
+                if v.HasField("image") or v.metadata.plugin_data.plugin_name == "images"
+            )
+    return tags

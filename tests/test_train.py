@@ -6,7 +6,7 @@ import pytest
 
 from remoe_recipe.config import ConfigError
 from remoe_recipe.train import parse_config
-from tests.runs import CONFIGS, read_scalars, run_training
+from tests.runs import CONFIGS, image_tags, read_scalars, run_training
 
 STEPS = 60
 ALPHA = 1.2
@@ -16,10 +16,15 @@ REMOE_FAST = ["--moe.l1_coeff_init", "1e-3", "--training.steps", str(STEPS), "--
 
 
 @pytest.fixture(scope="module")
-def remoe_run(tmp_path_factory):
+def remoe_dump(tmp_path_factory):
     dump = tmp_path_factory.mktemp("remoe")
     run_training("debug_remoe.toml", dump, *REMOE_FAST)
-    return read_scalars(dump)
+    return dump
+
+
+@pytest.fixture(scope="module")
+def remoe_run(remoe_dump):
+    return read_scalars(remoe_dump)
 
 
 def _series(scalars, tag):
@@ -58,6 +63,22 @@ def test_l1_coeff_follows_the_alpha_rule_step_by_step(remoe_run):
 def test_l1_loss_is_logged_and_positive(remoe_run):
     l1 = _series(remoe_run, "remoe/l1_loss")
     assert all(v > 0 and math.isfinite(v) for v in l1)
+
+
+def test_routing_observability_reaches_tensorboard(remoe_run, remoe_dump):
+    stage = _series(remoe_run, "remoe/stage")
+    assert stage == sorted(stage) and stage[-1] == 3  # stages only move forward and end in III
+    settling = remoe_run["remoe/settling_step"]
+    first3 = min(s for s, v in remoe_run["remoe/stage"].items() if v == 3)
+    assert set(settling.values()) == {first3}
+    assert remoe_run["remoe/sparsity"][first3] >= TARGET
+    for layer in range(4):
+        assert len(remoe_run[f"moe_layers/sparsity/layer_{layer}"]) == STEPS
+    # Mean of the per-layer sparsities equals the overall one (same token count in every layer).
+    for step in (1, STEPS):
+        layers = [remoe_run[f"moe_layers/sparsity/layer_{i}"][step] for i in range(4)]
+        assert _mean(layers) == pytest.approx(remoe_run["remoe/sparsity"][step], rel=1e-5)
+    assert "moe/expert_load" in image_tags(remoe_dump)
 
 
 @pytest.mark.parametrize("config", ["debug_topk.toml", "debug_dense.toml"])
