@@ -1,0 +1,1 @@
+"""Analysis tools: routing figures from a checkpoint (`routing`), run comparison from TensorBoard logs (`runs`)."""

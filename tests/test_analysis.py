@@ -1,0 +1,92 @@
+"""Routing analysis and run comparison: numbers against independent counts, figures from a real checkpoint."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from remoe_recipe.analysis import routing, runs
+from remoe_recipe.data import load_tokenizer
+from tests.runs import run_training
+
+
+def test_analyse_counts_on_a_fixed_routing():
+    tokenizer = load_tokenizer("builtin")
+    token_ids = [5, 5, 5, 9, 9, 7] * 2
+    domains = ["a"] * 6 + ["b"] * 6
+    g = torch.Generator().manual_seed(3)
+    masks = torch.rand(2, 12, 4, generator=g) < 0.5  # [layers, tokens, experts]
+    r = routing.analyse(token_ids, domains, masks, tokenizer, min_count=1)
+    assert r["domains"] == ["a", "b"]
+    for layer in range(2):
+        for d, name in enumerate(["a", "b"]):
+            rows = [t for t in range(12) if domains[t] == name]
+            for e in range(4):
+                expected = sum(bool(masks[layer, t, e]) for t in rows) / len(rows)
+                assert r["share"][layer, d, e].item() == pytest.approx(expected)
+            expected_active = sum(int(masks[layer, t].sum()) for t in rows) / len(rows)
+            assert r["active_by_domain"][layer, d].item() == pytest.approx(expected_active)
+    assert r["frequency"] == {5: 6, 9: 4, 7: 2}
+    for tok in (5, 9, 7):
+        pos = [t for t in range(12) if token_ids[t] == tok]
+        per_pos = [sum(int(masks[l, t].sum()) for l in range(2)) / 2 for t in pos]
+        assert r["token_active"][tok] == pytest.approx(sum(per_pos) / len(per_pos))
+    # Top tokens of layer 0, expert 0: rates computed by hand.
+    rates = {
+        tok: sum(bool(masks[0, t, 0]) for t in range(12) if token_ids[t] == tok) / token_ids.count(tok)
+        for tok in (5, 9, 7)
+    }
+    listed = {text: rate for text, rate, _ in r["top_tokens"][0][0]}
+    for tok, rate in rates.items():
+        if rate > 0:
+            assert listed[tokenizer.decode([tok])] == pytest.approx(rate)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    dump = tmp_path_factory.mktemp("tiny")
+    run_training(
+        "debug_remoe.toml", dump, "--training.steps", "6", "--checkpoint.enable",
+        "--checkpoint.interval", "6", "--moe.l1_coeff_init", "1e-3",
+    )
+    return dump
+
+
+def test_routing_report_from_a_trained_checkpoint(tiny_checkpoint, tmp_path):
+    out = tmp_path / "routing"
+    routing.main([
+        "--config", "train_configs/debug_remoe.toml", "--checkpoint",
+        str(tiny_checkpoint / "checkpoint" / "step-6"), "--out", str(out), "--max-tokens", "3000",
+    ])
+    for name in ("dynamic_allocation.png", "domain_specialization.png", "active_experts_by_layer.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    report = (out / "report.md").read_text()
+    assert "## Active experts per token by layer" in report
+    assert all(f"| {layer} |" in report for layer in range(4))
+    assert "## Tokens most routed to each expert, layer 0" in report
+    assert "## Tokens most routed to each expert, layer 3" in report
+    plays = ("hamlet", "macbeth", "lear", "othello", "romeo_and_juliet", "julius_caesar", "tempest",
+             "midsummer_nights_dream", "twelfth_night", "merchant_of_venice")
+    header = next(line for line in report.splitlines() if line.startswith("| layer |"))
+    assert any(play in header for play in plays)  # domains are the built-in corpus's plays
+
+
+def test_routing_rejects_a_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--checkpoint"):
+        routing.main(["--config", "train_configs/debug_remoe.toml", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_runs_figure_has_every_panel(tiny_checkpoint, tmp_path):
+    topk = tmp_path / "topk"
+    run_training("debug_topk.toml", topk, "--training.steps", "4")
+    scalars = {"remoe": runs.read_run(tiny_checkpoint), "topk": runs.read_run(topk)}
+    drawn = runs.plot_runs(scalars, tmp_path / "cmp.png")
+    assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+    assert drawn["training loss"] == 2
+    assert drawn["sparsity (fraction of zero gates)"] == 2
+    assert drawn["λ (L1 coefficient)"] == 1  # TopK has no lambda
+    assert drawn["per-layer sparsity"] == 8  # 4 layers x 2 runs
+    assert drawn["validation loss"] == 0  # validation is off in these short runs
+    with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
+        runs.read_run(tmp_path / "nothing")
