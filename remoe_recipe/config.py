@@ -156,5 +156,12 @@ def check_types(job_config) -> None:
                 continue
             if not _matches(v, hints.get(f.name, typing.Any)):
                 raise ConfigError(
-                    f"{section.name}.{f.name} = {v!r}: expected {hints[f.name]}, got {type(v).__name__}"
+                    f"{section.name}.{f.name} = {v!r}: expected {_type_name(hints[f.name])}, "
+                    f"got {type(v).__name__}"
                 )
+
+
+def _type_name(annotation) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")

@@ -17,19 +17,17 @@ import sys
 from typing import Any
 
 import torch
-from torchtitan.config import ConfigManager
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.train import Trainer
 
 import remoe_recipe  # noqa: F401  registers the `remoe` train spec
-from remoe_recipe.config import ConfigError, check_types
+from remoe_recipe.config import ConfigError
 from remoe_recipe.metrics import RoutingMonitor, tensorboard_writer
 from remoe_recipe.platform import enable_cpu_training
+from remoe_recipe.preflight import load_config
 from remoe_recipe.router_loss import RouterLossWrapper
 from remoe_recipe.routing_stats import ReducedRoutingStats, StepRoutingStats
 from remoe_recipe.sparsity import L1CoefficientController
-
-CUSTOM_CONFIG_MODULE = "remoe_recipe.config"
 
 
 class ReMoETrainer(Trainer):
@@ -120,12 +118,6 @@ class ReMoETrainer(Trainer):
             self.l1_controller.load_state_dict(state_dict)
 
 
-def _with_recipe_config(argv: list[str]) -> list[str]:
-    if any(a.split("=")[0] in ("--job.custom_config_module", "--job.custom-config-module") for a in argv):
-        return argv
-    return ["--job.custom_config_module", CUSTOM_CONFIG_MODULE, *argv]
-
-
 def _single_process_env() -> None:
     """`python -m remoe_recipe.train` without torchrun: a world of one on a free local port."""
     if "RANK" in os.environ:
@@ -140,13 +132,8 @@ def _single_process_env() -> None:
 
 
 def parse_config(argv: list[str]):
-    """torchtitan's TOML + CLI parsing with the recipe's [moe] section, then the recipe's checks."""
-    config = ConfigManager().parse_args(_with_recipe_config(argv))
-    check_types(config)
-    from remoe_recipe.validate import validate_job_config
-
-    validate_job_config(config)
-    return config
+    """torchtitan's TOML + CLI parsing with the recipe's sections, and every check that needs no process."""
+    return load_config(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,60 @@
+"""Config checks that run before any process group: one line naming the key, for each kind of mistake."""
+
+import subprocess
+import sys
+
+import pytest
+
+from remoe_recipe.config import ConfigError
+from remoe_recipe.preflight import load_config
+from tests.runs import CONFIGS, REPO
+
+DEBUG = (CONFIGS / "debug_remoe.toml").read_text()
+
+
+def _write(tmp_path, text, name="c.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("top_k = 1", "top_k = 1\nnum_expert = 8", "unknown key moe.num_expert"),
+        ("\n[moe]\n", "\n[moee]\n", "unknown section [moee]"),
+        ("steps = 300", "stepz = 300", "unknown key training.stepz"),
+        ("num_experts = 8", 'num_experts = "8"', "moe.num_experts = '8': expected int"),
+        ("steps = 300", "steps = 3.5", "training.steps = 3.5"),
+    ],
+)
+def test_toml_mistakes_name_the_key(tmp_path, old, new, message):
+    assert old in DEBUG
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(["--job.config_file", _write(tmp_path, DEBUG.replace(old, new, 1))])
+
+
+def test_values_and_paths_are_checked(tmp_path):
+    base = ["--job.config_file", str(CONFIGS / "debug_remoe.toml")]
+    with pytest.raises(ConfigError, match=r"moe.top_k = 8: expected 1 <= top_k < moe.num_experts \(8\)"):
+        load_config([*base, "--moe.top_k", "8"])
+    with pytest.raises(ConfigError, match="model.flavor = '7B': expected one of"):
+        load_config([*base, "--model.flavor", "7B"])
+    with pytest.raises(ConfigError, match="training.dataset_path = '/no/such/corpus': no such"):
+        load_config([*base, "--training.dataset_path", "/no/such/corpus"])
+    with pytest.raises(ConfigError, match="validation.dataset_path"):
+        load_config([*base, "--validation.dataset_path", str(tmp_path / "missing*.jsonl")])
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(["--job.config_file", str(tmp_path / "absent.toml")])
+
+
+def test_entry_point_prints_one_line_and_exits_2(tmp_path):
+    bad = _write(tmp_path, DEBUG.replace("top_k = 1", "top_k = 9"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "remoe_recipe.train", "--job.config_file", bad],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "config error" in line]
+    assert len(errors) == 1 and "moe.top_k = 9" in errors[0]
+    assert "Traceback" not in proc.stderr
