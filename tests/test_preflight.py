@@ -58,3 +58,25 @@ def test_entry_point_prints_one_line_and_exits_2(tmp_path):
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "config error" in line]
     assert len(errors) == 1 and "moe.top_k = 9" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_show_config_keys_and_resolved(capsys):
+    import dataclasses
+    import tomllib
+
+    from remoe_recipe.config import MoE
+    from remoe_recipe.show_config import main
+
+    main(["keys"])
+    keys = capsys.readouterr().out
+    for f in dataclasses.fields(MoE):
+        assert f"\n{f.name} = " in "\n" + keys, f.name
+    assert "lambda_0 of the adaptive L1 penalty" in keys
+
+    main(["resolved", "--job.config_file", str(CONFIGS / "debug_remoe.toml"), "--moe.top_k", "2"])
+    resolved = tomllib.loads(capsys.readouterr().out)
+    assert resolved["moe"]["top_k"] == 2  # command line
+    assert resolved["training"]["steps"] == 300  # TOML
+    assert resolved["training"]["max_norm"] == 1.0
+    assert resolved["comm"]["init_timeout_seconds"] == 300  # torchtitan default
+    assert resolved["model"]["name"] == "remoe"
