@@ -11,6 +11,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from remoe_recipe.data.config import Data
+
 ROUTERS = ("relu", "topk", "dense")
 EXPERT_IMPLS = ("grouped_mm", "loop")
 
@@ -52,6 +54,7 @@ class MoE:
 @dataclass
 class JobConfig:
     moe: MoE = field(default_factory=MoE)
+    data: Data = field(default_factory=Data)
 
 
 class ConfigError(ValueError):

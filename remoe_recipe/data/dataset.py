@@ -11,6 +11,16 @@ from torchtitan.tools.logging import logger
 from remoe_recipe.data.sources import Source
 
 
+def worker_shard(dp_rank: int, dp_world_size: int) -> tuple[int, int]:
+    """(stride, offset): this (rank, dataloader worker) takes items i with i % stride == offset.
+
+    Rank r's j-th item is i = r + j * W (W = dp_world_size); worker w takes j % n_workers == w.
+    """
+    info = get_worker_info()
+    n_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+    return dp_world_size * n_workers, dp_rank + worker * dp_world_size
+
+
 class PackedTextDataset(IterableDataset, Stateful):
     """Yields ({"input": x}, y): x = buf[:seq_len], y = buf[1:seq_len + 1] (LongTensors).
 
@@ -31,8 +41,11 @@ class PackedTextDataset(IterableDataset, Stateful):
     so each validation run scores the same samples even when it stops early (validation.steps),
     unless a state was loaded just before.
 
-    return_source=True adds input_dict["source"], the source label (e.g. play) of the document
-    holding the sample's first input token. Off by default: torchtitan passes every input_dict
+    vocab_size: a token id at or above it is an error naming the document (by default the
+    tokenizer's vocabulary; the model's embedding is at least that large).
+
+    return_source=True adds input_dict["source"], the source label (e.g. play, or the Pile's
+    meta.pile_set_name) of the document holding the sample's first input token. Off by default: torchtitan passes every input_dict
     entry to the model's forward, so training batches must hold only tensors the model accepts.
     """
 
@@ -47,6 +60,7 @@ class PackedTextDataset(IterableDataset, Stateful):
         return_source: bool = False,
         restart_each_iter: bool = False,
         name: str = "dataset",
+        vocab_size: int | None = None,
     ) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len = {seq_len}: expected >= 1")
@@ -63,6 +77,7 @@ class PackedTextDataset(IterableDataset, Stateful):
         self.return_source = return_source
         self.restart_each_iter = restart_each_iter
         self.name = name
+        self.vocab_size = vocab_size or tokenizer.get_vocab_size()
         self._reset_position()
         self._epoch = 0
         self._state_loaded = False
@@ -73,30 +88,26 @@ class PackedTextDataset(IterableDataset, Stateful):
         self._pos = 0  # tokens of _buffer before _pos are already consumed
         self._segments: list[list] = []  # [source label, n tokens] runs of _buffer[_pos:]
 
-    def _shard(self) -> tuple[int, int]:
-        """(stride, offset): this (rank, worker) reads documents i with i % stride == offset."""
-        info = get_worker_info()
-        n_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        # Rank r's j-th document is i = r + j * W; worker w takes j % n_workers == w.
-        return self.dp_world_size * n_workers, self.dp_rank + worker * self.dp_world_size
-
     def __iter__(self):
         if self.restart_each_iter and not self._state_loaded:
             self._reset_position()
         self._state_loaded = False
-        stride, offset = self._shard()
+        stride, offset = worker_shard(self.dp_rank, self.dp_world_size)
         seq_len = self.seq_len
         while True:
-            n_docs = 0
-            docs = self.source()
+            n_docs = n_samples = 0
+            fresh = self._doc_idx == 0 and not self._buffer
+            # The source skips the documents before _doc_idx (read before the resumed state).
+            docs = self.source(start=self._doc_idx)
             try:
-                for i, doc in enumerate(docs):
-                    if i < self._doc_idx or i % stride != offset:
+                for i, doc in enumerate(docs, self._doc_idx):
+                    if i % stride != offset:
                         continue
-                    self._add_document(doc)
+                    self._add_document(doc, i)
                     self._doc_idx = i + 1
                     n_docs += 1
                     while len(self._buffer) - self._pos > seq_len:
+                        n_samples += 1
                         yield self._next_sample(seq_len)
             finally:
                 if hasattr(docs, "close"):  # release the file now, not at garbage collection
@@ -105,6 +116,11 @@ class PackedTextDataset(IterableDataset, Stateful):
                 # One pass; the next iteration (next validation run) starts over.
                 self._reset_position()
                 self._epoch += 1
+                if fresh and n_samples == 0:
+                    raise ValueError(
+                        f"{self.name}: a full pass gave no sample of {seq_len + 1} tokens for dp "
+                        f"rank {self.dp_rank} (of {self.dp_world_size}) and this dataloader worker"
+                    )
                 return
             if n_docs == 0 and self._doc_idx == 0:
                 raise ValueError(
@@ -116,8 +132,13 @@ class PackedTextDataset(IterableDataset, Stateful):
             self._doc_idx = 0
             logger.info(f"{self.name}: dp rank {self.dp_rank} starts epoch {self._epoch}")
 
-    def _add_document(self, doc: dict) -> None:
+    def _add_document(self, doc: dict, index: int) -> None:
         tokens = self.tokenizer.encode(doc["text"], add_bos=False, add_eos=True)
+        if tokens and max(tokens) >= self.vocab_size:
+            raise ValueError(
+                f"{self.name}: document {index} has token id {max(tokens)} >= the vocabulary "
+                f"size {self.vocab_size} (model.tokenizer_path)"
+            )
         # Drop consumed tokens before growing, so the buffer stays about one document long.
         del self._buffer[: self._pos]
         self._pos = 0
