@@ -1,0 +1,88 @@
+"""Measurement helpers shared by the benchmarks: device choice, paired interleaved timing, ratios.
+
+Every comparison runs its variants in one process, interleaved (A B C, B C A, ...), after warm-up, and is
+reported as the median of the per-round ratios with their min and max: machine noise that hits one round
+hits every variant of that round.
+"""
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_times(
+    variants: dict[str, Callable[[], None]], device: torch.device, warmup: int = 2, rounds: int = 5
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant, `rounds` samples each, in rotating order."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    synchronize(device)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            synchronize(device)
+            start = time.perf_counter()
+            variants[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ratio(numerator: list[float], denominator: list[float]) -> dict[str, float]:
+    """Median, min and max of the per-round ratios (rounds are paired by index)."""
+    per_round = [a / b for a, b in zip(numerator, denominator)]
+    return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)}
+
+
+def fmt_ratio(r: dict[str, float]) -> str:
+    return f"{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]"
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def peak_memory_bytes(fn: Callable[[], None], device: torch.device) -> tuple[str, int]:
+    """(what was measured, bytes). CUDA: the allocator's peak above the level before `fn`. CPU has no
+    allocator statistics: count the bytes autograd saves for backward (the activations), which is
+    where routers differ; parameters and optimizer state are the same for ReMoE and TopK."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return "peak allocated", torch.cuda.max_memory_allocated(device) - base
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return "saved activations", sum(seen.values())
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |")
