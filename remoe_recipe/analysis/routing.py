@@ -21,6 +21,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from remoe_recipe.data import build_tiktoken_tokenizer, resolve_source
+from remoe_recipe.data.shards import is_shard_dir
 from remoe_recipe.model import ReMoETransformer
 from remoe_recipe.model.args import remoe_flavors
 from remoe_recipe.train import parse_config
@@ -236,6 +237,11 @@ def main(argv: list[str] | None = None) -> None:
     if not model.moe_layers():
         raise SystemExit(f"{a.config}: moe.router = 'dense' has no routing to analyse")
     section = config.validation if a.split == "validation" else config.training
+    if section.dataset_path and is_shard_dir(Path(section.dataset_path)):
+        raise SystemExit(
+            f"{a.split}.dataset_path = {section.dataset_path}: token shards hold no text; give the "
+            f"analysis a text source with -- --{a.split}.dataset_path PATH"
+        )
     _, source = resolve_source(section.dataset, section.dataset_path, a.split, getattr(config, "data", None))
     token_ids, domains, masks = collect(
         model, tokenizer, source(), config.training.seq_len, a.max_tokens, device
