@@ -236,11 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(config, a.checkpoint, device)
     if not model.moe_layers():
         raise SystemExit(f"{a.config}: moe.router = 'dense' has no routing to analyse")
-    section = config.validation if a.split == "validation" else config.training
+    key = "validation" if a.split == "validation" else "training"
+    section = getattr(config, key)
     if section.dataset_path and is_shard_dir(Path(section.dataset_path)):
         raise SystemExit(
-            f"{a.split}.dataset_path = {section.dataset_path}: token shards hold no text; give the "
-            f"analysis a text source with -- --{a.split}.dataset_path PATH"
+            f"{key}.dataset_path = {section.dataset_path}: token shards hold no text; give the "
+            f"analysis a text source with -- --{key}.dataset_path PATH"
         )
     _, source = resolve_source(section.dataset, section.dataset_path, a.split, getattr(config, "data", None))
     token_ids, domains, masks = collect(
