@@ -32,6 +32,7 @@ def enable_cpu_training() -> bool:
     _use_cpu_memory_monitor()
     _barrier_without_device_ids()
     _cpu_permute_kernel()
+    _compilable_fp32_grouped_mm()
     _applied = True
     return True
 
@@ -115,6 +116,29 @@ def _cpu_permute_kernel() -> None:
         moe_utils.generate_permute_indices = functools.partial(original, use_cpu=True)
 
 
+def _compilable_fp32_grouped_mm() -> None:
+    """torch.compile of the experts' `torch._grouped_mm` in fp32 (CPU runs train in fp32): the CPU
+    kernel computes fp32, but the fake-tensor (meta) kernel that compile traces with copies CUDA's
+    bf16-only check and rejects it. Give fp32/fp16 the output the meta kernel builds after its checks
+    (torch 2.13's private `_create_grouped_mm_output_tensor`: contiguous on a CPU build)."""
+    from torch._C import DispatchKey
+    from torch._meta_registrations import _create_grouped_mm_output_tensor
+
+    op = torch.ops.aten._grouped_mm.default
+    checked = op.py_kernels[DispatchKey.Meta]
+    if getattr(checked, "_remoe_fp32", False):
+        return
+
+    def meta(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+        if mat_a.dtype == mat_b.dtype and mat_a.dtype in (torch.float32, torch.float16) and bias is None:
+            return _create_grouped_mm_output_tensor(mat_a, mat_b, offs, out_dtype)
+        return checked(mat_a, mat_b, offs, bias, out_dtype)
+
+    meta._remoe_fp32 = True
+    op.py_kernels[DispatchKey.Meta] = meta
+    op._dispatch_cache.clear()
+
+
 def force_sum_reduction_for_gloo(model: torch.nn.Module) -> None:
     """Blocker 6: with gradient division disabled FSDP2 reduces with PREMUL_SUM, which gloo lacks.
     Call after fully_shard; a no-op with an accelerator."""
@@ -125,3 +149,44 @@ def force_sum_reduction_for_gloo(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_force_sum_reduction_for_comms(True)
+
+
+def init_like_one_process(model: torch.nn.Module, build_unsharded) -> None:
+    """Make a sharded model start from the weights a one-process run with the same seed starts from.
+
+    On an accelerator DTensor's offset-based RNG draws each shard from the unsharded stream. The CPU
+    generator has no such tracker, so every rank would draw its shard from the start of the stream:
+    the initial weights, and with them the whole run, would depend on the layout. On CPU the model's
+    `init_weights` is therefore replaced: it initialises an unsharded copy (`build_unsharded()`, on
+    meta) exactly as one process would, consuming the same random numbers, and copies each rank's
+    shard out of it. Costs one unsharded model per rank at start-up; a no-op with an accelerator or
+    without DTensor parameters.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from remoe_recipe.infra.checkpoint_layout import checkpoint_fqn
+
+    if has_accelerator() or not any(isinstance(p, DTensor) for p in model.parameters()):
+        return
+    init_sharded = model.init_weights
+
+    def init_weights(buffer_device=None) -> None:
+        rng = torch.get_rng_state()
+        init_sharded(buffer_device=buffer_device)  # buffers (non-random) and the shard layout
+        torch.set_rng_state(rng)  # draw exactly what one process draws
+        dtype = next(model.parameters()).dtype
+        with torch.device("meta"):
+            reference = build_unsharded()
+        reference.to_empty(device="cpu").to(dtype)
+        reference.init_weights()
+        full = dict(reference.named_parameters())
+        for name, param in model.named_parameters():
+            value = full[checkpoint_fqn(name)]
+            if isinstance(param, DTensor):
+                value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+                param.to_local().copy_(value.to_local())
+            else:
+                param.copy_(value)
+
+    model.init_weights = init_weights
+

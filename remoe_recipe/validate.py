@@ -1,14 +1,16 @@
 """Whole-config checks that run before any process group starts: one clear line per problem."""
 
 import copy
+import os
 
 from remoe_recipe.config import ConfigError, validate_moe
+from remoe_recipe.infra.layout import check_layout
 from remoe_recipe.model.args import remoe_flavors
 
 TRAIN_SPEC_NAME = "remoe"
 
 
-def validate_job_config(config) -> None:
+def validate_job_config(config, world_size: int | None = None) -> None:
     if config.model.name != TRAIN_SPEC_NAME:
         raise ConfigError(f"model.name = {config.model.name!r}: this recipe trains {TRAIN_SPEC_NAME!r}")
     flavors = remoe_flavors()
@@ -22,3 +24,9 @@ def validate_job_config(config) -> None:
     args.validate()
     if config.training.seq_len < 1 or config.training.local_batch_size < 1:
         raise ConfigError("training.seq_len and training.local_batch_size must be >= 1")
+    if world_size is None:
+        # torchrun sets WORLD_SIZE; `python -m remoe_recipe.train` alone is one process;
+        # torchtitan's fake-backend dry run takes its world size from NGPU.
+        fake = config.comm.mode in ("fake_backend", "local_tensor")
+        world_size = int(os.environ.get("NGPU" if fake else "WORLD_SIZE", "1"))
+    check_layout(config, world_size)

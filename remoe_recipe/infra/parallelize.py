@@ -1,39 +1,45 @@
 """Parallelism for the ReMoE model, applied from outside the model code (torchtitan's convention).
 
-Order as torchtitan's llama4: activation checkpointing -> torch.compile per block -> FSDP2.
-Expert parallelism is not wired yet (tracked by the scale-out issue); a layout asking for it fails at
-start-up instead of silently training without it.
+Order as torchtitan's llama4: expert parallelism -> activation checkpointing -> torch.compile per
+block -> FSDP2. Each step reuses torchtitan:
+- expert parallelism: `apply_moe_ep_tp` puts torchtitan's `ExpertParallel` on every `moe.experts`
+  (weights become DTensors `Shard(0)` on the `ep` mesh; tokens travel by all-to-all with the
+  per-expert counts of this step). The MoE layer hands the experts its expert-major list of active
+  (token, expert) pairs with their counts, exactly what `ExpertParallel` dispatches, so ReLU
+  routing's variable number of experts per token needs nothing special.
+- activation checkpointing: `apply_ac` (none / full / selective per layer / selective per op).
+- torch.compile: `infra/compile.py`.
+- FSDP2 / HSDP: llama4's `apply_fsdp`, which shards the experts separately over the ranks that
+  expert parallelism leaves (`efsdp`) and everything else over all data-parallel ranks.
+See docs/scale-out.md.
 """
 
-import torch
+
 from torch import nn
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
-from torchtitan.models.llama4.infra.parallelize import apply_fsdp
+from torchtitan.models.llama4.infra.parallelize import apply_fsdp, apply_moe_ep_tp
 from torchtitan.tools.logging import logger
 
-from remoe_recipe.config import ConfigError
-from remoe_recipe.platform import force_sum_reduction_for_gloo
-
-
-def check_layout(parallel_dims: ParallelDims, job_config) -> None:
-    """Refuse layouts this recipe does not run, in one line naming the key."""
-    p = job_config.parallelism
-    for key in ("tensor_parallel_degree", "context_parallel_degree", "pipeline_parallel_degree"):
-        if getattr(p, key) != 1:
-            raise ConfigError(f"parallelism.{key} = {getattr(p, key)}: ReMoE recipe supports only 1")
-    if p.expert_parallel_degree != 1:
-        raise ConfigError(
-            f"parallelism.expert_parallel_degree = {p.expert_parallel_degree}: expert parallelism "
-            "is not available yet; use FSDP (parallelism.data_parallel_shard_degree)"
-        )
+from remoe_recipe.infra.checkpoint_layout import check_checkpoint_fits, checkpoint_to_resume
+from remoe_recipe.infra.compile import apply_compile
+from remoe_recipe.infra.layout import check_layout
+from remoe_recipe.platform import force_sum_reduction_for_gloo, init_like_one_process
 
 
 def parallelize_remoe(model: nn.Module, parallel_dims: ParallelDims, job_config) -> nn.Module:
-    check_layout(parallel_dims, job_config)
+    layout = check_layout(job_config, parallel_dims.world_size)
+    logger.info(f"Parallel layout: {layout.describe()}")
+    unsharded_model = (type(model), model.args)
     compile_enabled = job_config.compile.enable and "model" in job_config.compile.components
+
+    if parallel_dims.ep_enabled:
+        apply_moe_ep_tp(
+            model, tp_mesh=None, ep_mesh=parallel_dims.get_mesh("ep"), etp_mesh=None, ep_etp_mesh=None
+        )
+        logger.info(f"Applied expert parallelism: {layout.ep} expert shards, tokens exchanged by all-to-all")
 
     if job_config.activation_checkpoint.mode != "none":
         apply_ac(
@@ -45,29 +51,30 @@ def parallelize_remoe(model: nn.Module, parallel_dims: ParallelDims, job_config)
         )
 
     if compile_enabled:
-        # Not fullgraph: the MoE's (token, expert) pair list has a data-dependent length.
-        for layer_id, block in model.layers.named_children():
-            model.layers.register_module(
-                layer_id, torch.compile(block, backend=job_config.compile.backend)
-            )
-        logger.info("Compiled each transformer block with torch.compile")
+        apply_compile(model, job_config.compile)
+        logger.info(f"Compiled each transformer block ({job_config.compile.backend})")
 
     if parallel_dims.fsdp_enabled:
-        names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+        dp_names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+        edp_names = ["dp_replicate", "efsdp"] if parallel_dims.dp_replicate_enabled else ["efsdp"]
         apply_fsdp(
             model,
-            parallel_dims.get_mesh(names),
+            parallel_dims.get_mesh(dp_names),
             param_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_param],
             reduce_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_reduce],
             pp_enabled=False,
             cpu_offload=job_config.training.enable_cpu_offload,
             reshard_after_forward_policy=job_config.parallelism.fsdp_reshard_after_forward,
+            ep_degree=parallel_dims.ep,
+            edp_mesh=parallel_dims.get_optional_mesh(edp_names),
         )
         force_sum_reduction_for_gloo(model)
         logger.info("Applied %s to the model", "HSDP" if parallel_dims.dp_replicate_enabled else "FSDP")
-    elif parallel_dims.dp_replicate_enabled:
-        raise ConfigError(
-            "parallelism.data_parallel_replicate_degree > 1 needs data_parallel_shard_degree > 1 "
-            "(HSDP); plain DDP is not supported"
-        )
+
+    cls, args = unsharded_model
+    init_like_one_process(model, lambda: cls(args))
+
+    resume_from = checkpoint_to_resume(job_config.checkpoint, job_config.job.dump_folder)
+    if resume_from is not None:
+        check_checkpoint_fits(model, resume_from, layout)
     return model

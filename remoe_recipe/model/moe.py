@@ -59,6 +59,9 @@ def _run_aligned(fn, w1, w2, w3, x, num_tokens_per_expert) -> torch.Tensor:
 class Experts(GroupedExperts):
     """torchtitan's GroupedExperts with a dtype-preserving grouped GEMM or a per-expert loop."""
 
+    # The grouped GEMMs; torch.compile (infra/compile.py) swaps in a compiled twin per instance.
+    grouped_swiglu = staticmethod(_grouped_swiglu)
+
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         if isinstance(self.w1, DTensor):
             # Expert-parallel (or FSDP-gathered) weights: compute on the local shard.
@@ -70,8 +73,8 @@ class Experts(GroupedExperts):
         if not self.use_grouped_mm:
             return _run_experts_for_loop(w1, w2, w3, x, num_tokens_per_expert)
         if expert_parallel:  # the expert-parallel dispatch has already aligned the groups
-            return _grouped_swiglu(w1, w2, w3, x, num_tokens_per_expert)
-        return _run_aligned(_grouped_swiglu, w1, w2, w3, x, num_tokens_per_expert)
+            return self.grouped_swiglu(w1, w2, w3, x, num_tokens_per_expert)
+        return _run_aligned(self.grouped_swiglu, w1, w2, w3, x, num_tokens_per_expert)
 
     def init_weights(self, init_std: float, output_std: float) -> None:
         nn.init.normal_(self.w1, mean=0.0, std=init_std)

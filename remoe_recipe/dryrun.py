@@ -1,0 +1,204 @@
+"""Dry run: validate a config for a world size without that hardware, and report what each rank holds.
+
+    python -m remoe_recipe.dryrun --job.config_file train_configs/paper_182M_remoe.toml --world_size 8 \
+        [--parallelism.expert_parallel_degree 8] [--section.key value ...]
+
+One process plays rank 0 of `--world_size` ranks on torchtitan's fake communication backend
+(`--comm.mode fake_backend`: collectives are no-ops). It runs the recipe's config checks, builds the
+device meshes, builds the model on the meta device (no memory) and applies the real parallelize
+function (expert parallelism, activation checkpointing, compile wrappers, FSDP2), then prints the
+meshes, the parameters one rank holds and an estimate of its memory. Nothing is trained, no weight is
+allocated, no kernel is compiled. Exit status 2 with `config error: ...` for a layout that fails.
+"""
+
+import copy
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.tensor import DTensor
+from torchtitan.config import TORCH_DTYPE_MAP
+from torchtitan.distributed import ParallelDims, utils as dist_utils
+from torchtitan.protocols.train_spec import get_train_spec
+from torchtitan.tools.logging import init_logger, logger
+from torchtitan.tools.utils import set_default_dtype
+
+from remoe_recipe.config import ConfigError
+from remoe_recipe.infra.layout import check_layout
+from remoe_recipe.platform import enable_cpu_training
+
+GiB = 2**30
+
+
+def _take_world_size(argv: list[str]) -> tuple[int, list[str]]:
+    rest, world_size = [], None
+    it = iter(argv)
+    for arg in it:
+        if arg in ("--world_size", "--world-size"):
+            world_size = next(it, None)
+        elif arg.startswith(("--world_size=", "--world-size=")):
+            world_size = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if world_size is None or not str(world_size).isdigit() or int(world_size) < 1:
+        raise ConfigError(f"--world_size = {world_size}: the dry run needs the number of ranks to check (>= 1)")
+    return int(world_size), rest
+
+
+def _load_config_without_data(argv: list[str]):
+    """The training entry point's config checks, except that dataset paths must exist: they are paths
+    on the training machine, which the dry run is not."""
+    from remoe_recipe import preflight
+
+    check_paths, preflight.check_paths = preflight.check_paths, lambda config: None
+    try:
+        return preflight.load_config(argv)
+    finally:
+        preflight.check_paths = check_paths
+
+
+@dataclass
+class RankParams:
+    dense: int = 0  # parameters sharded over all data-parallel ranks
+    experts: int = 0  # routed experts: expert-parallel shard, FSDP-sharded over efsdp
+    dense_unsharded_block: int = 0  # largest block's non-expert parameters, all-gathered by FSDP
+    experts_unsharded_block: int = 0  # one layer's expert-parallel shard, all-gathered over efsdp
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.experts
+
+
+def count_rank_params(model: torch.nn.Module) -> RankParams:
+    counts = RankParams()
+    for name, p in model.named_parameters():
+        local = p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+        if ".moe.experts." in name:
+            counts.experts += local
+        else:
+            counts.dense += local
+    for block in model.layers.values():
+        dense = sum(p.numel() for n, p in block.named_parameters() if ".moe.experts." not in f".{n}")
+        counts.dense_unsharded_block = max(counts.dense_unsharded_block, dense)
+    return counts
+
+
+def activation_bytes(args, job_config, active_per_token: float, ac_mode: str) -> float:
+    """Activations one micro-batch keeps for backward on one rank (balanced routing assumed).
+    Per token and layer: attention (~8 dim + 2 kv widths), router gates (fp32), and per active
+    (token, expert) pair the gathered input, the three expert GEMM outputs, the SwiGLU product and
+    the weighted output (3 dim + 4 expert widths). Plus the output logits in fp32 with their grad."""
+    b = TORCH_DTYPE_MAP[job_config.training.mixed_precision_param].itemsize
+    tokens = job_config.training.local_batch_size * job_config.training.seq_len
+    kv = args.n_kv_heads * args.head_dim
+    if args.is_moe:
+        ffn = 2 * args.num_routed_experts * 4 + active_per_token * (3 * args.dim + 4 * args.expert_dim) * b
+    else:
+        ffn = (2 * args.dim + 3 * args.dense_ffn_dim) * b
+    per_layer = tokens * ((8 * args.dim + 2 * kv) * b + ffn)
+    logits = tokens * args.vocab_size * (b + 4 + 4)
+    if ac_mode == "full":  # block inputs kept, one block recomputed at a time
+        return args.n_layers * tokens * args.dim * b + per_layer + logits
+    return args.n_layers * per_layer + logits
+
+
+def dry_run(argv: list[str]) -> str:
+    world_size, argv = _take_world_size(argv)
+    os.environ["NGPU"] = str(world_size)  # torchtitan's fake backend takes the world size from NGPU
+    job_config = _load_config_without_data([*argv, "--comm.mode", "fake_backend"])
+    layout = check_layout(job_config, world_size)
+    enable_cpu_training()
+    dist_utils.init_distributed(job_config.comm)
+    p = job_config.parallelism
+    parallel_dims = ParallelDims(
+        dp_shard=p.data_parallel_shard_degree, dp_replicate=p.data_parallel_replicate_degree,
+        cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, pp=p.pipeline_parallel_degree,
+        ep=p.expert_parallel_degree, etp=p.expert_tensor_parallel_degree, world_size=world_size,
+    )
+    parallel_dims.build_mesh()
+
+    spec = get_train_spec(job_config.model.name)
+    args = copy.deepcopy(spec.model_args[job_config.model.flavor])
+    notes = ["dataset paths not checked (they name files on the training machine)"]
+    try:
+        args.update_from_config(job_config)
+    except Exception as e:  # e.g. the GPT-2 tokenizer needs a download; the flavor fixes the vocabulary
+        if args.vocab_size is None:
+            raise
+        args.update_from_config(job_config, tokenizer_vocab_size=args.vocab_size)
+        notes.append(f"tokenizer not loaded ({type(e).__name__}); vocabulary from the flavor: {args.vocab_size}")
+    with torch.device("meta"), set_default_dtype(TORCH_DTYPE_MAP[job_config.training.dtype]):
+        model = spec.model_cls(args)
+    model = spec.parallelize_fn(model, parallel_dims, job_config)
+
+    params = count_rank_params(model)
+    if args.is_moe:
+        for block in model.layers.values():
+            w = [q for q in block.moe.experts.parameters()]
+            params.experts_unsharded_block = sum(
+                (q.to_local().numel() * layout.efsdp if isinstance(q, DTensor) else q.numel()) for q in w
+            )
+            break
+    return report(job_config, layout, parallel_dims, args, params, notes)
+
+
+def report(job_config, layout, parallel_dims, args, params: RankParams, notes: list[str]) -> str:
+    t = job_config.training
+    master = TORCH_DTYPE_MAP[t.dtype].itemsize
+    compute = TORCH_DTYPE_MAP[t.mixed_precision_param].itemsize
+    global_batch = t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * layout.data_parallel
+    accum = global_batch // (t.local_batch_size * layout.data_parallel)
+    counts = args.param_counts()
+    meshes = {k: m.size() for k, m in parallel_dims.get_all_one_dimensional_meshes().items()}
+    states = params.total * (master + master + 8)  # weights + grads + AdamW exp_avg, exp_avg_sq (fp32)
+    # FSDP all-gathers one block (+ the next, prefetched) in the compute dtype, and reduce-scatters its grads.
+    gathered = 3 * (params.dense_unsharded_block + params.experts_unsharded_block) * compute
+    ac = job_config.activation_checkpoint.mode
+    lines = [
+        f"dry run: {job_config.model.flavor} ({job_config.moe.router} router, "
+        f"{args.num_routed_experts if args.is_moe else 0} experts/layer) on {layout.describe()}",
+        f"meshes (size > 1): " + (", ".join(f"{k}={v}" for k, v in meshes.items()) or "none"),
+        f"batch: global {global_batch} = local {t.local_batch_size} x {layout.data_parallel} data-parallel ranks "
+        f"x {accum} micro-batches; seq_len {t.seq_len}",
+        f"model: {counts.total:,} parameters, {args.active_params():,.0f} active per token",
+        f"per rank (rank 0): {params.total:,} parameters = {params.dense:,} dense (1/{layout.data_parallel}"
+        f"{' per replica' if layout.dp_replicate > 1 else ''}) + {params.experts:,} experts "
+        f"(1/{layout.ep * layout.efsdp} of {counts.ffn_total:,})",
+        f"memory estimate per rank: {states / GiB:.2f} GiB weights+grads+AdamW ({t.dtype}), "
+        f"{gathered / GiB:.2f} GiB FSDP gathered blocks ({t.mixed_precision_param})",
+    ]
+    if args.is_moe:
+        target = activation_bytes(args, job_config, args.routed_top_k, ac)
+        dense_stage = activation_bytes(args, job_config, args.num_routed_experts / 2, ac)
+        lines.append(
+            f"  activations per micro-batch (AC {ac}): {target / GiB:.2f} GiB at {args.routed_top_k} "
+            f"active experts/token, {dense_stage / GiB:.2f} GiB in ReMoE's dense start "
+            f"(~{args.num_routed_experts / 2:g}/token)"
+        )
+        peak = states + gathered + max(target, dense_stage if job_config.moe.router == "relu" else target)
+    else:
+        act = activation_bytes(args, job_config, 0, ac)
+        lines.append(f"  activations per micro-batch (AC {ac}): {act / GiB:.2f} GiB")
+        peak = states + gathered + act
+    lines.append(
+        f"  peak estimate: {peak / GiB:.2f} GiB (balanced routing; excludes allocator slack, "
+        "communication buffers and the CUDA context)"
+    )
+    lines += [f"note: {n}" for n in notes]
+    lines.append("dry run OK: the layout validates")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    init_logger()
+    try:
+        text = dry_run(sys.argv[1:] if argv is None else argv)
+    except (ConfigError, FileNotFoundError) as e:
+        logger.error(f"config error: {e}")
+        raise SystemExit(2) from None
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
