@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torchtitan.models.moe.kernels import generate_permute_indices
-from torchtitan.models.moe.moe import GroupedExperts, _run_experts_for_loop
+from torchtitan.models.moe.moe import GroupedExperts
 
 from .router import ReLURouter, Routing, TopKRouter
 
@@ -28,6 +28,20 @@ def _grouped_swiglu(w1, w2, w3, x, num_tokens_per_expert) -> torch.Tensor:
     h = F.silu(torch._grouped_mm(x, w1.transpose(-2, -1), offs=offsets))
     h = h * torch._grouped_mm(x, w3.transpose(-2, -1), offs=offsets)
     return torch._grouped_mm(h, w2.transpose(-2, -1), offs=offsets)
+
+
+def _looped_swiglu(w1, w2, w3, x, num_tokens_per_expert) -> torch.Tensor:
+    """One SwiGLU per expert on its rows. Weights are unbound once rather than indexed per expert
+    (torchtitan's loop): each `w[e]` would allocate a full-size weight gradient in backward."""
+    counts = num_tokens_per_expert.tolist()  # host sync: the split sizes
+    used = sum(counts)
+    outs = [
+        torch.matmul(F.silu(torch.matmul(xe, a.t())) * torch.matmul(xe, c.t()), b.t())
+        for xe, a, b, c in zip(x[:used].split(counts), w1.unbind(0), w2.unbind(0), w3.unbind(0))
+    ]
+    out = torch.cat(outs) if outs else x.new_zeros((0, w2.shape[1]))
+    # Rows past the experts' counts are expert-parallel padding: they stay zero.
+    return torch.vstack((out, out.new_zeros((x.shape[0] - used, out.shape[-1]))))
 
 
 def _run_aligned(fn, w1, w2, w3, x, num_tokens_per_expert) -> torch.Tensor:
@@ -71,7 +85,7 @@ class Experts(GroupedExperts):
             w1, w2, w3 = self.w1, self.w2, self.w3
             expert_parallel = False
         if not self.use_grouped_mm:
-            return _run_experts_for_loop(w1, w2, w3, x, num_tokens_per_expert)
+            return _looped_swiglu(w1, w2, w3, x, num_tokens_per_expert)
         if expert_parallel:  # the expert-parallel dispatch has already aligned the groups
             return self.grouped_swiglu(w1, w2, w3, x, num_tokens_per_expert)
         return _run_aligned(self.grouped_swiglu, w1, w2, w3, x, num_tokens_per_expert)
