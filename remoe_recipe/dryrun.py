@@ -70,17 +70,26 @@ class RankParams:
         return self.dense + self.experts
 
 
-def count_rank_params(model: torch.nn.Module) -> RankParams:
+def _local_numel(p: torch.Tensor) -> int:
+    return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+
+
+def count_rank_params(model: torch.nn.Module, efsdp: int) -> RankParams:
+    """Parameters rank 0 holds (a DTensor's local shard), and what FSDP gathers for one block."""
     counts = RankParams()
     for name, p in model.named_parameters():
-        local = p.to_local().numel() if isinstance(p, DTensor) else p.numel()
         if ".moe.experts." in name:
-            counts.experts += local
+            counts.experts += _local_numel(p)
         else:
-            counts.dense += local
+            counts.dense += _local_numel(p)
     for block in model.layers.values():
-        dense = sum(p.numel() for n, p in block.named_parameters() if ".moe.experts." not in f".{n}")
+        params = [(f".{n}", p) for n, p in block.named_parameters()]
+        # a DTensor's numel is its global size: what FSDP all-gathers of the block's dense part
+        dense = sum(p.numel() for n, p in params if ".moe.experts." not in n)
+        # the experts FSDP gathers are this rank's expert-parallel shard, over efsdp ranks
+        experts = sum(_local_numel(p) * efsdp for n, p in params if ".moe.experts." in n)
         counts.dense_unsharded_block = max(counts.dense_unsharded_block, dense)
+        counts.experts_unsharded_block = max(counts.experts_unsharded_block, experts)
     return counts
 
 
@@ -132,14 +141,7 @@ def dry_run(argv: list[str]) -> str:
         model = spec.model_cls(args)
     model = spec.parallelize_fn(model, parallel_dims, job_config)
 
-    params = count_rank_params(model)
-    if args.is_moe:
-        for block in model.layers.values():
-            w = [q for q in block.moe.experts.parameters()]
-            params.experts_unsharded_block = sum(
-                (q.to_local().numel() * layout.efsdp if isinstance(q, DTensor) else q.numel()) for q in w
-            )
-            break
+    params = count_rank_params(model, layout.efsdp)
     return report(job_config, layout, parallel_dims, args, params, notes)
 
 
@@ -150,7 +152,10 @@ def report(job_config, layout, parallel_dims, args, params: RankParams, notes: l
     global_batch = t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * layout.data_parallel
     accum = global_batch // (t.local_batch_size * layout.data_parallel)
     counts = args.param_counts()
-    meshes = {k: m.size() for k, m in parallel_dims.get_all_one_dimensional_meshes().items()}
+    meshes = {  # torchtitan also builds (fake-backed) meshes it does not use
+        k: m.size() for k, m in parallel_dims.get_all_one_dimensional_meshes().items()
+        if parallel_dims.get_optional_mesh(k) is not None
+    }
     states = params.total * (master + master + 8)  # weights + grads + AdamW exp_avg, exp_avg_sq (fp32)
     # FSDP all-gathers one block (+ the next, prefetched) in the compute dtype, and reduce-scatters its grads.
     gathered = 3 * (params.dense_unsharded_block + params.experts_unsharded_block) * compute
@@ -162,25 +167,22 @@ def report(job_config, layout, parallel_dims, args, params: RankParams, notes: l
         f"batch: global {global_batch} = local {t.local_batch_size} x {layout.data_parallel} data-parallel ranks "
         f"x {accum} micro-batches; seq_len {t.seq_len}",
         f"model: {counts.total:,} parameters, {args.active_params():,.0f} active per token",
-        f"per rank (rank 0): {params.total:,} parameters = {params.dense:,} dense (1/{layout.data_parallel}"
-        f"{' per replica' if layout.dp_replicate > 1 else ''}) + {params.experts:,} experts "
-        f"(1/{layout.ep * layout.efsdp} of {counts.ffn_total:,})",
+        f"per rank (rank 0): {params.total:,} parameters = {params.dense:,} dense (1/{layout.dp_shard}"
+        f"{' per replica' if layout.dp_replicate > 1 else ''})"
+        + (f" + {params.experts:,} experts (1/{layout.ep * layout.efsdp} of {counts.ffn_total:,})"
+           if args.is_moe else ""),
         f"memory estimate per rank: {states / GiB:.2f} GiB weights+grads+AdamW ({t.dtype}), "
         f"{gathered / GiB:.2f} GiB FSDP gathered blocks ({t.mixed_precision_param})",
     ]
+    act = activation_bytes(args, job_config, args.routed_top_k, ac)
+    text = f"  activations per micro-batch (AC {ac}): {act / GiB:.2f} GiB"
     if args.is_moe:
-        target = activation_bytes(args, job_config, args.routed_top_k, ac)
-        dense_stage = activation_bytes(args, job_config, args.num_routed_experts / 2, ac)
-        lines.append(
-            f"  activations per micro-batch (AC {ac}): {target / GiB:.2f} GiB at {args.routed_top_k} "
-            f"active experts/token, {dense_stage / GiB:.2f} GiB in ReMoE's dense start "
-            f"(~{args.num_routed_experts / 2:g}/token)"
-        )
-        peak = states + gathered + max(target, dense_stage if job_config.moe.router == "relu" else target)
-    else:
-        act = activation_bytes(args, job_config, 0, ac)
-        lines.append(f"  activations per micro-batch (AC {ac}): {act / GiB:.2f} GiB")
-        peak = states + gathered + act
+        text += f" at {args.routed_top_k} active experts/token"
+    if job_config.moe.router == "relu":  # ReLU gates start about half open: the peak is early
+        act = activation_bytes(args, job_config, args.num_routed_experts / 2, ac)
+        text += f", {act / GiB:.2f} GiB in ReMoE's dense start (~{args.num_routed_experts / 2:g}/token)"
+    lines.append(text)
+    peak = states + gathered + act
     lines.append(
         f"  peak estimate: {peak / GiB:.2f} GiB (balanced routing; excludes allocator slack, "
         "communication buffers and the CUDA context)"

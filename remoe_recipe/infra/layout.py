@@ -42,12 +42,13 @@ class Layout:
         return self.dp_replicate * self.dp_shard
 
     def describe(self) -> str:
-        dense = f"dp_shard={self.dp_shard}" + (f" x dp_replicate={self.dp_replicate}" if self.dp_replicate > 1 else "")
-        experts = f"ep={self.ep} x efsdp={self.efsdp}" + (
-            f" x dp_replicate={self.dp_replicate}" if self.dp_replicate > 1 else ""
-        )
         ranks = f"{self.world_size} rank{'s' if self.world_size != 1 else ''}"
-        return f"{ranks}: dense params {dense}; experts {experts}"
+        text = f"{ranks}: dp_shard={self.dp_shard}"
+        if self.dp_replicate > 1:
+            text += f" x dp_replicate={self.dp_replicate}"
+        if self.ep > 1:  # otherwise the experts are sharded with their block, like everything else
+            text += f"; experts ep={self.ep} x efsdp={self.efsdp}"
+        return text
 
 
 def resolve_layout(parallelism, world_size: int) -> Layout:
