@@ -27,6 +27,7 @@ from torchtitan.tools.utils import set_default_dtype
 from remoe_recipe.config import ConfigError
 from remoe_recipe.infra.layout import check_layout
 from remoe_recipe.platform import enable_cpu_training
+from remoe_recipe.preflight import load_config
 
 GiB = 2**30
 
@@ -44,18 +45,6 @@ def _take_world_size(argv: list[str]) -> tuple[int, list[str]]:
     if world_size is None or not str(world_size).isdigit() or int(world_size) < 1:
         raise ConfigError(f"--world_size = {world_size}: the dry run needs the number of ranks to check (>= 1)")
     return int(world_size), rest
-
-
-def _load_config_without_data(argv: list[str]):
-    """The training entry point's config checks, except that dataset paths must exist: they are paths
-    on the training machine, which the dry run is not."""
-    from remoe_recipe import preflight
-
-    check_paths, preflight.check_paths = preflight.check_paths, lambda config: None
-    try:
-        return preflight.load_config(argv)
-    finally:
-        preflight.check_paths = check_paths
 
 
 @dataclass
@@ -115,7 +104,8 @@ def activation_bytes(args, job_config, active_per_token: float, ac_mode: str) ->
 def dry_run(argv: list[str]) -> str:
     world_size, argv = _take_world_size(argv)
     os.environ["NGPU"] = str(world_size)  # torchtitan's fake backend takes the world size from NGPU
-    job_config = _load_config_without_data([*argv, "--comm.mode", "fake_backend"])
+    # Dataset paths belong to the training machine, not to the one validating its layout.
+    job_config = load_config([*argv, "--comm.mode", "fake_backend"], check_data=False)
     layout = check_layout(job_config, world_size)
     enable_cpu_training()
     dist_utils.init_distributed(job_config.comm)

@@ -82,7 +82,9 @@ def _config_module(argv: list[str]) -> str:
     return CUSTOM_CONFIG_MODULE
 
 
-def load_config(argv: list[str]):
+def load_config(argv: list[str], check_data: bool = True):
+    """check_data=False skips the dataset-path check (the dry run validates a layout for another
+    machine, where the data lives)."""
     argv = with_recipe_sections(argv)
     path = config_file(argv)
     if path is not None:
@@ -93,5 +95,6 @@ def load_config(argv: list[str]):
     from remoe_recipe.validate import validate_job_config
 
     validate_job_config(config)
-    check_paths(config)
+    if check_data:
+        check_paths(config)
     return config
