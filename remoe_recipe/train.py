@@ -131,16 +131,11 @@ def _single_process_env() -> None:
     )
 
 
-def parse_config(argv: list[str]):
-    """torchtitan's TOML + CLI parsing with the recipe's sections, and every check that needs no process."""
-    return load_config(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
     init_logger()
     argv = sys.argv[1:] if argv is None else argv
     try:
-        config = parse_config(argv)
+        config = load_config(argv)
     except (ConfigError, FileNotFoundError) as e:
         logger.error(f"config error: {e}")
         raise SystemExit(2) from None

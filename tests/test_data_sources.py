@@ -235,7 +235,7 @@ def test_finite_pass_without_a_sample_is_an_error(tok, tmp_path):
 
 def test_data_section_in_toml(tmp_path):
     from remoe_recipe.config import ConfigError
-    from remoe_recipe.train import parse_config
+    from remoe_recipe.preflight import load_config
 
     toml = tmp_path / "c.toml"
     toml.write_text(
@@ -243,9 +243,9 @@ def test_data_section_in_toml(tmp_path):
         '[training]\ndataset = "monology/pile-uncopyrighted"\n'
         '[data]\ntext_field = "content"\nstreaming = false\nmix = ["0.7 ./a", "0.3 hf:allenai/c4"]\n'
     )
-    cfg = parse_config(["--job.config_file", str(toml), "--data.label_field", "domain"])
+    cfg = load_config(["--job.config_file", str(toml), "--data.label_field", "domain"])
     assert cfg.data == Data(text_field="content", label_field="domain", streaming=False, mix=["0.7 ./a", "0.3 hf:allenai/c4"])
-    assert parse_config(["--job.config_file", str(toml), "--data.mix", "1 x,2 y"]).data.mix == ["1 x", "2 y"]
+    assert load_config(["--job.config_file", str(toml), "--data.mix", "1 x,2 y"]).data.mix == ["1 x", "2 y"]
     toml.write_text('[model]\nname = "remoe"\nflavor = "debugmodel"\n[data]\nstreaming = "yes"\n')
     with pytest.raises(ConfigError, match=r"data\.streaming = 'yes'"):
-        parse_config(["--job.config_file", str(toml)])
+        load_config(["--job.config_file", str(toml)])

@@ -203,11 +203,11 @@ def _print_measured():
          "granularity_not_dividing_ffn", "op_sac_with_ep", "degrees_not_world", "ep_without_experts"],
 )
 def test_bad_layout_fails_at_parse_time_in_one_line(monkeypatch, world_size, override, expected):
-    from remoe_recipe.train import parse_config
+    from remoe_recipe.preflight import load_config
 
     monkeypatch.setenv("WORLD_SIZE", str(world_size))  # what torchrun sets before the entry point runs
     with pytest.raises(ConfigError) as info:
-        parse_config(["--job.config_file", str(CONFIGS / "debug_remoe.toml"), *override])
+        load_config(["--job.config_file", str(CONFIGS / "debug_remoe.toml"), *override])
     message = str(info.value)
     assert expected in message and "\n" not in message
     if "'op'" in expected:
@@ -371,9 +371,9 @@ def _one_process_loss(weights: dict, overrides: list[str], world: int) -> float:
     from torchtitan.protocols.train_spec import get_train_spec
 
     from remoe_recipe.model import ReMoETransformer, remoe_flavors
-    from remoe_recipe.train import parse_config
+    from remoe_recipe.preflight import load_config
 
-    config = parse_config(["--job.config_file", str(CONFIGS / "debug_remoe.toml"), *overrides])
+    config = load_config(["--job.config_file", str(CONFIGS / "debug_remoe.toml"), *overrides])
     args = remoe_flavors()["debugmodel"]
     args.update_from_config(config)
     model = ReMoETransformer(args)

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from remoe_recipe.config import ConfigError
-from remoe_recipe.train import parse_config
+from remoe_recipe.preflight import load_config
 from tests.runs import CONFIGS, image_tags, read_scalars, run_training
 
 STEPS = 60
@@ -143,6 +143,6 @@ def test_two_ranks_with_gradient_accumulation_share_lambda(tmp_path):
 )
 def test_bad_config_names_the_key(override, key):
     with pytest.raises((ConfigError, SystemExit)) as info:
-        parse_config(["--job.config_file", str(CONFIGS / "debug_remoe.toml"), *override])
+        load_config(["--job.config_file", str(CONFIGS / "debug_remoe.toml"), *override])
     if info.type is ConfigError:
         assert key in str(info.value)

@@ -24,7 +24,7 @@ from remoe_recipe.data import build_tiktoken_tokenizer, resolve_source
 from remoe_recipe.data.shards import is_shard_dir
 from remoe_recipe.model import ReMoETransformer
 from remoe_recipe.model.args import remoe_flavors
-from remoe_recipe.train import parse_config
+from remoe_recipe.preflight import load_config
 
 
 class RoutingRecorder:
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=50_000)
     p.add_argument("overrides", nargs="*", help="extra --section.key value overrides, after --")
     a = p.parse_args(argv)
-    config = parse_config(["--job.config_file", a.config, *a.overrides])
+    config = load_config(["--job.config_file", a.config, *a.overrides])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = build_tiktoken_tokenizer(config)
     model = load_model(config, a.checkpoint, device)

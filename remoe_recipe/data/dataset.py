@@ -21,6 +21,14 @@ def worker_shard(dp_rank: int, dp_world_size: int) -> tuple[int, int]:
     return dp_world_size * n_workers, dp_rank + worker * dp_world_size
 
 
+def check_packing(seq_len: int, dp_rank: int, dp_world_size: int) -> None:
+    """The arguments every packed dataset (text or shards) shares."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len = {seq_len}: expected >= 1")
+    if not 0 <= dp_rank < dp_world_size:
+        raise ValueError(f"dp_rank = {dp_rank} not in [0, dp_world_size = {dp_world_size})")
+
+
 class PackedTextDataset(IterableDataset, Stateful):
     """Yields ({"input": x}, y): x = buf[:seq_len], y = buf[1:seq_len + 1] (LongTensors).
 
@@ -62,10 +70,7 @@ class PackedTextDataset(IterableDataset, Stateful):
         name: str = "dataset",
         vocab_size: int | None = None,
     ) -> None:
-        if seq_len < 1:
-            raise ValueError(f"seq_len = {seq_len}: expected >= 1")
-        if not 0 <= dp_rank < dp_world_size:
-            raise ValueError(f"dp_rank = {dp_rank} not in [0, dp_world_size = {dp_world_size})")
+        check_packing(seq_len, dp_rank, dp_world_size)
         if tokenizer.eos_id is None:
             raise ValueError("the tokenizer has no eos_id; documents need an EOS separator")
         self.source = source

@@ -7,7 +7,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset
 from torchtitan.tools.logging import logger
 
-from remoe_recipe.data.dataset import worker_shard
+from remoe_recipe.data.dataset import check_packing, worker_shard
 from remoe_recipe.data.shards import TokenShards
 
 
@@ -36,10 +36,7 @@ class PackedShardDataset(IterableDataset, Stateful):
         restart_each_iter: bool = False,
         name: str = "dataset",
     ) -> None:
-        if seq_len < 1:
-            raise ValueError(f"seq_len = {seq_len}: expected >= 1")
-        if not 0 <= dp_rank < dp_world_size:
-            raise ValueError(f"dp_rank = {dp_rank} not in [0, dp_world_size = {dp_world_size})")
+        check_packing(seq_len, dp_rank, dp_world_size)
         self.shards = shards
         self.seq_len = seq_len
         self.dp_rank = dp_rank
