@@ -7,6 +7,7 @@ from torchtitan.protocols.train_spec import TrainSpec
 
 from remoe_recipe.data import build_dataloader, build_tiktoken_tokenizer
 from remoe_recipe.evaluation import build_validator
+from remoe_recipe.hf.convert import ReMoEStateDictAdapter
 from remoe_recipe.infra.parallelize import parallelize_remoe
 from remoe_recipe.model import ReMoETransformer, remoe_flavors
 
@@ -23,4 +24,6 @@ def build_train_spec() -> TrainSpec:
         build_tokenizer_fn=build_tiktoken_tokenizer,
         build_loss_fn=build_cross_entropy_loss,
         build_validator_fn=build_validator,
+        # --checkpoint.last_save_in_hf / initial_load_in_hf: the exporter's own mapping
+        state_dict_adapter=ReMoEStateDictAdapter,
     )

@@ -22,6 +22,7 @@ from torchtitan.train import Trainer
 
 import remoe_recipe  # noqa: F401  registers the `remoe` train spec
 from remoe_recipe.config import ConfigError
+from remoe_recipe.load_checkpoint import RUN_CONFIG_FILE
 from remoe_recipe.metrics import RoutingMonitor, tensorboard_writer
 from remoe_recipe.platform import enable_cpu_training
 from remoe_recipe.preflight import load_config
@@ -139,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, FileNotFoundError) as e:
         logger.error(f"config error: {e}")
         raise SystemExit(2) from None
+    if config.job.save_config_file is None:
+        # RUN/job_config.json: export, evaluate and generate read the model's shape from it.
+        config.job.save_config_file = RUN_CONFIG_FILE
     _single_process_env()
     trainer: ReMoETrainer | None = None
     try:

@@ -1,0 +1,1 @@
+"""Hugging Face interop: state-dict conversion, exported configuration, remote code, tokenizer files."""

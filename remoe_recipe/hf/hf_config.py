@@ -1,0 +1,71 @@
+"""config.json and generation_config.json of an exported model.
+
+Dense runs are exactly transformers' LlamaForCausalLM (no remote code). ReLU and TopK runs use the
+remote code shipped beside the weights (configuration_remoe.py / modeling_remoe.py, `auto_map`).
+Both write `rope_theta` (transformers 4.x) and `rope_parameters` (5.x) so either version reads them.
+"""
+
+import shutil
+from pathlib import Path
+
+from remoe_recipe.data.tokenizer import TiktokenTokenizer
+from remoe_recipe.model import ReMoEModelArgs
+
+REMOTE_CODE = ("configuration_remoe.py", "modeling_remoe.py")
+_HERE = Path(__file__).parent
+
+
+def hf_config_dict(args: ReMoEModelArgs, tokenizer: TiktokenTokenizer, dtype: str) -> dict:
+    common = {
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "max_position_embeddings": args.max_seq_len,
+        "initializer_range": args.init_std,
+        "tie_word_embeddings": False,
+        "bos_token_id": tokenizer.eos_id,  # GPT-2 convention: <|endoftext|> is both
+        "eos_token_id": tokenizer.eos_id,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+        "use_cache": False,
+    }
+    if not args.is_moe:
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "intermediate_size": args.dense_ffn_dim,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "mlp_bias": False,
+            "pretraining_tp": 1,
+            **common,
+        }
+    return {
+        "architectures": ["ReMoEForCausalLM"],
+        "model_type": "remoe",
+        "auto_map": {
+            "AutoConfig": "configuration_remoe.ReMoEConfig",
+            "AutoModelForCausalLM": "modeling_remoe.ReMoEForCausalLM",
+        },
+        "router": args.moe.router,
+        "num_experts": args.num_routed_experts,
+        "num_experts_per_tok": args.routed_top_k,
+        "moe_intermediate_size": args.expert_dim,
+        **common,
+    }
+
+
+def generation_config_dict(tokenizer: TiktokenTokenizer) -> dict:
+    return {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id, "do_sample": False, "use_cache": False}
+
+
+def copy_remote_code(out: Path) -> None:
+    for name in REMOTE_CODE:
+        shutil.copyfile(_HERE / name, out / name)

@@ -1,0 +1,184 @@
+"""Hugging Face export: the exported model in transformers reproduces the recipe's logits; the
+conversion is lossless both ways; the tokenizer files encode as tiktoken does; bad input gives one
+line; a checkpoint saved with expert parallelism exports the same tensors as a one-process one.
+
+Parity tolerance: fp32 on CPU, max |logit difference| <= 1e-4 (measured ~2e-7 on logits of O(1); the
+two implementations differ only in summation order and in RoPE's cos/sin evaluation). A layout error is
+orders of magnitude larger: without the q/k RoPE permutation logits differ by O(1).
+"""
+
+import base64
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from remoe_recipe.data.tokenizer import BUILTIN_TOKENIZER, load_tokenizer, read_tiktoken_ranks
+from remoe_recipe.export import export, main as export_main
+from remoe_recipe.hf.convert import ReMoEStateDictAdapter, from_hf, to_hf
+from remoe_recipe.hf.tokenizer import bytes_to_unicode
+from remoe_recipe.load_checkpoint import load_trained_model
+from tests.checkpoints import make_run, tree_snapshot
+from tests.runs import CONFIGS, run_training
+
+transformers = pytest.importorskip("transformers")
+
+PARITY_ATOL = 1e-4
+CASES = [("relu", 1), ("relu", 2), ("topk", 1), ("topk", 2), ("dense", 1)]
+TEXTS = [
+    "ROMEO. But, soft! what light through yonder window breaks?\n",
+    "Numbers 1234 and 5,678.9 -- symbols @#$%^&*() and    spaces\n\n\tand tabs",
+    "Unicode: naïve café, Ελληνικά, 日本語, emoji 🙂; it's, we'll, they've, I'd",
+    "   leading and trailing spaces   ",
+]
+
+
+def _load_hf(out: Path):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        str(out), trust_remote_code=True, output_loading_info=True, dtype=torch.float32
+    )
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.eval()
+
+
+def _hf_tensors(out: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+@pytest.mark.parametrize("router,granularity", CASES)
+def test_exported_model_reproduces_recipe_logits(tmp_path, router, granularity):
+    saved = make_run(tmp_path / "run", router, "--moe.granularity", str(granularity))
+    trained = load_trained_model(tmp_path / "run" / "checkpoint")
+    out = export(trained, tmp_path / "hf")
+    expected_class = "LlamaForCausalLM" if router == "dense" else "ReMoEForCausalLM"
+    assert json.loads((out / "config.json").read_text())["architectures"] == [expected_class]
+    assert (out / "modeling_remoe.py").exists() == (router != "dense")
+
+    hf = _load_hf(out)
+    assert type(hf).__name__ == expected_class
+    tokens = torch.randint(0, 4097, (2, 48), generator=torch.Generator().manual_seed(1))
+    experts_used = []
+    for moe in saved.moe_layers():
+        moe.router.register_forward_hook(lambda m, i, routing: experts_used.append(routing.mask.sum(-1)))
+    with torch.no_grad():
+        reference = saved(tokens)  # the model as it was before saving: the loader is under test too
+        logits = hf(tokens).logits
+    assert reference.abs().max() > 1.0  # logits large enough for a layout error to show
+    assert (logits - reference).abs().max().item() <= PARITY_ATOL
+    if router == "relu":
+        used = torch.cat(experts_used)
+        assert (used == 0).any() and (used >= 2).any(), "want tokens with zero and with several experts"
+
+
+def test_hf_to_recipe_to_hf_is_identity(tmp_path):
+    make_run(tmp_path / "run", "relu", "--moe.granularity", "2")
+    trained = load_trained_model(tmp_path / "run" / "checkpoint")
+    out = export(trained, tmp_path / "hf", max_shard_size="2MB")
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1  # sharded past the limit
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    hf = _hf_tensors(out)
+    assert set(index["weight_map"]) == set(hf)
+    recipe = from_hf(hf, trained.args)
+    for name, tensor in trained.model.state_dict().items():
+        assert torch.equal(recipe[name], tensor), name
+    back = to_hf(recipe, trained.args)
+    assert set(back) == set(hf)
+    for name, tensor in hf.items():
+        assert torch.equal(back[name], tensor), name
+    # torchtitan's adapter (train spec) is the same mapping
+    adapter = ReMoEStateDictAdapter(trained.args, None)
+    via_adapter = adapter.to_hf(trained.model.state_dict())
+    assert all(torch.equal(via_adapter[k], hf[k]) for k in hf) and set(via_adapter) == set(hf)
+
+
+def _gpt2_layout_ranks_file(path: Path) -> Path:
+    """A ranks file laid out like GPT-2's r50k_base: single bytes ranked in GPT-2's byte-to-unicode order
+    (printable bytes first, not byte order), merges above them. Built from the bundled BPE's merges."""
+    ranks = read_tiktoken_ranks(BUILTIN_TOKENIZER)
+    order = list(bytes_to_unicode())  # GPT-2's rank order of the 256 bytes
+    merged = sorted((r, t) for t, r in ranks.items() if len(t) > 1)
+
+    lines = [f"{base64.b64encode(bytes([b])).decode()} {i}" for i, b in enumerate(order)]
+    lines += [f"{base64.b64encode(t).decode()} {256 + i}" for i, (_, t) in enumerate(merged)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("which", ["gpt2_layout_file", "builtin"])
+def test_exported_tokenizer_encodes_like_tiktoken(tmp_path, monkeypatch, which):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    spec = str(_gpt2_layout_ranks_file(tmp_path / "gpt2.tiktoken")) if which != "builtin" else "builtin"
+    make_run(tmp_path / "run", "dense", "--model.tokenizer_path", spec)
+    out = export(load_trained_model(tmp_path / "run" / "checkpoint"), tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    recipe_tok = load_tokenizer(spec)
+    rng = random.Random(0)
+    corpus = " ".join(TEXTS)
+    samples = TEXTS + [corpus[i:i + rng.randint(1, 80)] for i in (rng.randrange(len(corpus)) for _ in range(50))]
+    for text in samples:
+        ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == recipe_tok.encode(text), text
+        assert hf_tok.decode(ids) == text
+    assert hf_tok.eos_token_id == recipe_tok.eos_id
+    config = json.loads((out / "config.json").read_text())
+    assert config["eos_token_id"] == recipe_tok.eos_id and config["vocab_size"] >= recipe_tok.get_vocab_size()
+
+
+def _export_error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_bad_input_one_line_and_checkpoint_untouched(tmp_path, capsys):
+    run = tmp_path / "run"
+    make_run(run, "relu")
+    before = tree_snapshot(run)
+    ckpt = run / "checkpoint"
+    (tmp_path / "empty").mkdir()
+    assert "holds no checkpoint" in _export_error(capsys, "--checkpoint", tmp_path / "empty", "--out", tmp_path / "o1")
+    assert "no step 7; the saved steps are [3]" in _export_error(capsys, "--checkpoint", ckpt, "--step", 7, "--out", tmp_path / "o2")
+    message = _export_error(
+        capsys, "--checkpoint", ckpt, "--out", tmp_path / "o3", "--config",
+        CONFIGS / "debug_remoe.toml", "--", "--moe.granularity", "2",
+    )
+    assert "another model shape" in message and "layers.0.moe." in message
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "file").write_text("x")
+    assert f"--out {busy}: exists and is not an empty folder" in _export_error(capsys, "--checkpoint", ckpt, "--out", busy)
+    export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "ok")])
+    assert tree_snapshot(run) == before  # nothing in the run folder was written
+
+
+@pytest.mark.slow
+def test_expert_parallel_checkpoint_exports_same_tensors(tmp_path):
+    """A checkpoint saved by 2 processes with EP = 2 (model only) and the one-process checkpoint it was
+    loaded from (full) export identical tensors. lr = 0: the EP run saves exactly what it loaded."""
+    common = ["--training.steps", "1", "--optimizer.lr", "0", "--checkpoint.enable", "--checkpoint.interval", "1",
+              "--moe.granularity", "2"]
+    run_training("debug_remoe.toml", tmp_path / "one", *common)
+    run_training(
+        "debug_remoe.toml", tmp_path / "ep2", *common, "--parallelism.expert_parallel_degree", "2",
+        "--checkpoint.initial_load_path", str(tmp_path / "one" / "checkpoint" / "step-1"),
+        "--checkpoint.last_save_model_only", nproc=2,
+    )
+    assert len(list((tmp_path / "ep2" / "checkpoint" / "step-1").glob("*.distcp"))) == 2
+    exported = {}
+    for name in ("one", "ep2"):
+        out = export(load_trained_model(tmp_path / name / "checkpoint"), tmp_path / f"hf_{name}")
+        exported[name] = _hf_tensors(out)
+    assert set(exported["one"]) == set(exported["ep2"])
+    for key, tensor in exported["one"].items():
+        assert torch.equal(exported["ep2"][key], tensor), key
