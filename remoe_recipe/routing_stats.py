@@ -51,9 +51,14 @@ class StepRoutingStats:
         counts = torch.stack([r.tokens_per_expert for r in records])
         self.tokens_per_expert += counts
         self.active += counts.sum(dim=1)
-        self.slots += torch.tensor(
-            [r.num_tokens * self.num_experts for r in records], dtype=torch.float32, device=self.device
-        )
+        # Token counts are host ints: add them as scalars (a kernel argument), never as a tensor built
+        # from a Python list (a host-to-device copy per micro-batch).
+        sizes = {r.num_tokens for r in records}
+        if len(sizes) == 1:
+            self.slots += float(sizes.pop() * self.num_experts)
+        else:
+            for i, r in enumerate(records):
+                self.slots[i] += float(r.num_tokens * self.num_experts)
         self.loss_terms += torch.stack([r.loss_term.detach().float() for r in records])
         self.forwards += 1
         self.lm_loss += torch.stack([lm_loss_sum.detach().float(), lm_tokens.float()])
@@ -74,9 +79,15 @@ class StepRoutingStats:
         lm_loss_sum, lm_tokens = packed[-3], packed[-2]
         forwards = packed[-1].clamp(min=1)
         layer_loss_term = loss_terms / forwards
+        # `gates > 0` is False for a NaN gate, so a NaN router would read as 100 % sparse. The loss term
+        # sums the layer's gates (or router probabilities), so it is NaN exactly then: report NaN.
+        finite = torch.isfinite(layer_loss_term)
+        nan = torch.full_like(layer_loss_term, float("nan"))
+        layer_sparsity = torch.where(finite, 1.0 - active / slots.clamp(min=1), nan)
+        sparsity = torch.where(finite.all(), 1.0 - active.sum() / slots.sum().clamp(min=1), nan[0])
         return ReducedRoutingStats(
-            sparsity=1.0 - active.sum() / slots.sum().clamp(min=1),
-            layer_sparsity=1.0 - active / slots.clamp(min=1),
+            sparsity=sparsity,
+            layer_sparsity=layer_sparsity,
             loss_term=layer_loss_term.mean(),
             layer_loss_term=layer_loss_term,
             tokens_per_expert=tokens_per_expert,

@@ -8,32 +8,50 @@ What the subclass adds to torchtitan's loop:
 - the adaptive L1 controller: after every step's backward passes, sparsity is reduced over layers,
   micro-batches and data-parallel ranks in one all-reduce, and lambda is multiplied or divided by alpha;
 - lambda in the checkpoint's train_state; MFU from active FLOPs at the measured sparsity;
-- routing metrics for TensorBoard (`remoe/*`, `moe/*`, `moe_layers/*`, the expert-load image).
+- routing metrics for TensorBoard (`remoe/*`, `moe/*`, `moe_layers/*`, the expert-load image);
+- a finiteness check of the loss, gradient norm and router statistics every step, before the optimizer
+  step and before the step can be saved (`finiteness.py`);
+- SIGTERM / SIGUSR1 (preemption, SLURM's `--signal`): the current step finishes, a checkpoint of it is
+  saved and the process exits 0; the run folder is locked and checked writable before step 1.
 """
 
+import contextlib
 import os
+import signal
 import socket
 import sys
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torchtitan.distributed.utils as titan_dist_utils
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.train import Trainer
 
 import remoe_recipe  # noqa: F401  registers the `remoe` train spec
 from remoe_recipe.config import ConfigError
+from remoe_recipe.finiteness import NonFiniteError, describe_non_finite, step_values
 from remoe_recipe.load_checkpoint import RUN_CONFIG_FILE
 from remoe_recipe.metrics import RoutingMonitor, tensorboard_writer
 from remoe_recipe.platform import enable_cpu_training
 from remoe_recipe.preflight import load_config
 from remoe_recipe.router_loss import RouterLossWrapper
+from remoe_recipe.run_folder import RunLock, check_writable
 from remoe_recipe.routing_stats import ReducedRoutingStats, StepRoutingStats
 from remoe_recipe.sparsity import L1CoefficientController
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class ReMoETrainer(Trainer):
     def __init__(self, job_config):
         enable_cpu_training()  # no-op where an accelerator is present
+        self.signal_received: int | None = None  # set by the handler on this rank
+        self.stop_signal: int | None = None  # agreed by all ranks at a step's check; acted on after the step
+        self.interrupted = False
+        self._micro_losses: list[torch.Tensor] = []
+        self._grad_norm: torch.Tensor | None = None
         super().__init__(job_config)
         args = self.model_args
         seq_len = job_config.training.seq_len
@@ -47,6 +65,7 @@ class ReMoETrainer(Trainer):
         self.l1_controller: L1CoefficientController | None = None
         self.last_routing: ReducedRoutingStats | None = None
         self.pending_routing_log = None
+        self.optimizers.register_step_pre_hook(lambda *a, **k: self._before_optimizer_step())
         if not args.is_moe:
             return
         self.routing_stats = StepRoutingStats(args.n_layers, args.num_routed_experts, self.device)
@@ -66,17 +85,53 @@ class ReMoETrainer(Trainer):
             self.loss_fn, self.model_parts, coeff,
             average_layers=args.moe.router == "relu", stats=self.routing_stats,
         )
-        self.optimizers.register_step_pre_hook(lambda *a, **k: self._after_backward())
 
     def _routing_group(self):
         if not self.parallel_dims.dp_cp_enabled:
             return None
         return self.parallel_dims.get_mesh("loss").get_group()
 
-    def _after_backward(self) -> None:
-        """Runs once per step, after every micro-batch's backward (an optimizer step pre-hook).
-        One small all-reduce on the device every step; a host transfer only at logged steps."""
-        self.last_routing = self.routing_stats.reduce(self._routing_group())
+    def _before_optimizer_step(self) -> None:
+        """Runs once per step, after every micro-batch's backward and the gradient clipping (an
+        optimizer step pre-hook): the step's values are checked before the weights change."""
+        if self.routing_stats is not None:
+            self.last_routing = self.routing_stats.reduce(self._routing_group())
+        self._check_step()
+        if self.routing_stats is not None:
+            self._observe_routing()
+
+    def _check_step(self) -> None:
+        """One host transfer per step: finiteness of the step's values, and whether any rank was
+        asked to stop (one tiny all-reduce when there are several ranks, so all stop at the same step)."""
+        routing = self.last_routing if self.routing_stats is not None else None
+        local_loss = torch.stack(self._micro_losses).sum() if self._micro_losses else torch.zeros((), device=self.device)
+        # The all-reduced LM loss where routing statistics exist; else this rank's part of the loss.
+        loss = routing.lm_loss if routing is not None else local_loss
+        grad_norm = self._grad_norm if self._grad_norm is not None else torch.zeros((), device=self.device)
+        values = step_values(
+            loss, grad_norm,
+            routing.layer_loss_term if routing is not None else None,
+            routing.layer_sparsity if routing is not None else None,
+        )
+        flags = torch.stack([
+            (~torch.isfinite(local_loss)).float().to(values.device),
+            torch.tensor(float(self.signal_received or 0), device=values.device),
+        ])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        host = torch.cat([values, flags]).tolist()  # the one host transfer of the check
+        values, (loss_bad_somewhere, stop) = host[:-2], host[-2:]
+        if loss_bad_somewhere and values[0] == values[0]:
+            values[0] = float("nan")  # another rank's loss
+        num_layers = len(routing.layer_loss_term) if routing is not None else 0
+        reason = describe_non_finite(self.step, values, num_layers, self.model_parts)
+        if reason is not None:
+            raise NonFiniteError(reason)
+        if stop:
+            self.stop_signal = int(stop)  # the same decision on every rank, whichever received the signal
+
+    def _observe_routing(self) -> None:
+        """One small all-reduce on the device every step (done above); a host transfer only at logged steps."""
         coeff_used = self.l1_controller.coeff if self.l1_controller is not None else None
         self.routing_monitor.observe(self.step, self.last_routing, coeff_used)
         if self.l1_controller is not None:
@@ -89,10 +144,33 @@ class ReMoETrainer(Trainer):
                 self.model_args.flops_per_token(self.job_config.training.seq_len, active)
             )
 
+    def forward_backward_step(self, *args, **kwargs) -> torch.Tensor:
+        loss = super().forward_backward_step(*args, **kwargs)
+        self._micro_losses.append(loss.detach())
+        return loss
+
+    @contextlib.contextmanager
+    def _recording_grad_norm(self):
+        """torchtitan's train_step keeps the gradient norm in a local variable; record it for the
+        check in the optimizer pre-hook (the only way in without copying train_step)."""
+        clip = titan_dist_utils.clip_grad_norm_
+
+        def clip_and_record(*args, **kwargs):
+            self._grad_norm = clip(*args, **kwargs)
+            return self._grad_norm
+
+        titan_dist_utils.clip_grad_norm_ = clip_and_record
+        try:
+            yield
+        finally:
+            titan_dist_utils.clip_grad_norm_ = clip
+
     def train_step(self, data_iterator) -> None:
         if self.routing_stats is not None:
             self.routing_stats.reset()
-        super().train_step(data_iterator)
+        self._micro_losses, self._grad_norm = [], None
+        with self._recording_grad_norm():
+            super().train_step(data_iterator)
         if self.pending_routing_log is not None:
             self._log_routing(*self.pending_routing_log)
             self.pending_routing_log = None
@@ -104,6 +182,32 @@ class ReMoETrainer(Trainer):
             writer.add_image("moe/expert_load", load_image, self.step, dataformats="HWC")
         shown = [k for k in scalars if not k.startswith("moe_layers/") and k != "moe/sparsity"]
         logger.info(f"step: {self.step:2}  " + "  ".join(f"{k}: {scalars[k]:.4g}" for k in shown))
+
+    def should_continue_training(self) -> bool:
+        """Called before each step, after the previous step's save and validation."""
+        if self.stop_signal is not None and self.step > 0 and not self.interrupted:
+            self.interrupted = True
+            self._save_interrupted_step()
+            return False
+        return super().should_continue_training()
+
+    def _save_interrupted_step(self) -> None:
+        name = signal.Signals(self.stop_signal).name
+        ckpt = self.checkpointer
+        if not ckpt.enable:
+            logger.warning(f"{name} received: stopping after step {self.step}; checkpoint.enable is off, nothing saved")
+            return
+        if not ckpt._should_save(self.step, last_step=self.step == self.job_config.training.steps):
+            interval, ckpt.interval = ckpt.interval, 1  # a full (resumable) save at this step
+            try:
+                ckpt.save(self.step)
+            finally:
+                ckpt.interval = interval
+        ckpt._async_wait()
+        logger.info(
+            f"{name} received: stopped after step {self.step} of {self.job_config.training.steps}, "
+            f"checkpoint {os.path.join(ckpt.folder, f'step-{self.step}')} saved; run the same command to resume"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -132,11 +236,39 @@ def _single_process_env() -> None:
     )
 
 
+def _newest_checkpoint(config) -> str:
+    folder = os.path.join(config.job.dump_folder, config.checkpoint.folder)
+    steps = sorted(
+        int(name[5:]) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+        if name.startswith("step-") and name[5:].isdigit() and os.path.isfile(os.path.join(folder, name, ".metadata"))
+    )
+    return f"newest checkpoint kept: {os.path.join(folder, f'step-{steps[-1]}')}" if steps else "no checkpoint saved"
+
+
+def _take_run_folder(config) -> RunLock | None:
+    """Before the process group: the checkpoint folder must be writable, and the dump folder free."""
+    if config.checkpoint.enable:
+        check_writable(os.path.join(config.job.dump_folder, config.checkpoint.folder))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    lock = RunLock(config.job.dump_folder)
+    lock.acquire()
+    if lock.took_over:
+        held = lock.took_over
+        logger.warning(
+            f"took over the stale lock {lock.path} of a run that is gone "
+            f"(host {held.get('host')}, pid {held.get('pid')}, started {held.get('started')})"
+        )
+    return lock
+
+
 def main(argv: list[str] | None = None) -> None:
     init_logger()
     argv = sys.argv[1:] if argv is None else argv
+    lock: RunLock | None = None
     try:
         config = load_config(argv)
+        lock = _take_run_folder(config)
     except (ConfigError, FileNotFoundError) as e:
         logger.error(f"config error: {e}")
         raise SystemExit(2) from None
@@ -152,12 +284,19 @@ def main(argv: list[str] | None = None) -> None:
                 raise ConfigError("checkpoint.create_seed_checkpoint needs one process and checkpoint.enable")
             trainer.checkpointer.save(curr_step=0, last_step=True)
         else:
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, lambda signum, _frame: setattr(trainer, "signal_received", signum))
             trainer.train()
+    except NonFiniteError as e:
+        logger.error(f"{e}; {_newest_checkpoint(config)}. Lower optimizer.lr, or resume from an earlier step with --checkpoint.load_step N")
+        raise SystemExit(3) from None
     finally:
         if trainer is not None:
             trainer.close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ FAST = [
 ]
 
 
-def run_training(config: str, dump: Path, *overrides: str, nproc: int = 1, timeout: int = 600):
-    """Run one training job; raise with its output if it fails."""
+def training_command(config: str, dump: Path, *overrides: str, nproc: int = 1) -> tuple[list[str], dict]:
+    """The command line and environment of one training job (for tests that drive the process)."""
     args = ["--job.config_file", str(CONFIGS / config), "--job.dump_folder", str(dump), *FAST, *overrides]
     if nproc == 1:
         cmd = [sys.executable, "-m", "remoe_recipe.train", *args]
@@ -33,8 +33,16 @@ def run_training(config: str, dump: Path, *overrides: str, nproc: int = 1, timeo
             f"--nproc_per_node={nproc}", "-m", "remoe_recipe.train", *args,
         ]
     env = dict(os.environ, OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
+    return cmd, env
+
+
+def run_training(
+    config: str, dump: Path, *overrides: str, nproc: int = 1, timeout: int = 600, check: bool = True
+):
+    """Run one training job; raise with its output if it fails (check=False: return it anyway)."""
+    cmd, env = training_command(config, dump, *overrides, nproc=nproc)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
 
