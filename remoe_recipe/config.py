@@ -52,9 +52,36 @@ class MoE:
 
 
 @dataclass
+class OptimizerExtras:
+    """Keys the recipe adds to torchtitan's [optimizer] section (merged into it)."""
+
+    decay_1d_params: bool = False
+    """false (Megatron, the paper's code): no weight decay on RMSNorm weights, biases and other 1-D
+    parameters. true: decay every parameter, as torchtitan 0.2.2 does."""
+
+
+@dataclass
+class LRSchedulerExtras:
+    """Keys the recipe adds to torchtitan's [lr_scheduler] section (merged into it)."""
+
+    warmup_fraction: float | None = None
+    """Warmup as a fraction of the schedule's steps (the paper: 0.01, Megatron's --lr-warmup-fraction).
+    When set it replaces lr_scheduler.warmup_steps."""
+
+
+@dataclass
 class JobConfig:
     moe: MoE = field(default_factory=MoE)
     data: Data = field(default_factory=Data)
+    optimizer: OptimizerExtras = field(default_factory=OptimizerExtras)
+    lr_scheduler: LRSchedulerExtras = field(default_factory=LRSchedulerExtras)
+
+
+def validate_schedule(config) -> None:
+    """The recipe's [optimizer] / [lr_scheduler] keys."""
+    fraction = config.lr_scheduler.warmup_fraction
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ConfigError(f"lr_scheduler.warmup_fraction = {fraction}: expected 0 < fraction <= 1")
 
 
 class ConfigError(ValueError):

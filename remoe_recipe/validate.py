@@ -3,7 +3,7 @@
 import copy
 import os
 
-from remoe_recipe.config import ConfigError
+from remoe_recipe.config import ConfigError, validate_schedule
 from remoe_recipe.infra.layout import check_layout
 from remoe_recipe.model.args import remoe_flavors
 
@@ -21,6 +21,7 @@ def validate_job_config(config, world_size: int | None = None) -> None:
     args = copy.deepcopy(flavors[config.model.flavor])
     args.moe = config.moe
     args.validate()  # the [moe] values, then how they fit the flavor
+    validate_schedule(config)
     if config.training.seq_len < 1 or config.training.local_batch_size < 1:
         raise ConfigError("training.seq_len and training.local_batch_size must be >= 1")
     if world_size is None:
