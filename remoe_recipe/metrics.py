@@ -30,6 +30,15 @@ class RoutingMonitor:
         self.stage2_step = torch.tensor(-1, device=device)
         self.stage3_step = torch.tensor(-1, device=device)
 
+    def state_dict(self) -> dict[str, int]:
+        """The stage tracker, for the checkpoint's train state (so settling_step survives a resume)."""
+        return {"stage2_step": int(self.stage2_step.item()), "stage3_step": int(self.stage3_step.item())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        device = self.stage2_step.device
+        self.stage2_step = torch.tensor(int(state["stage2_step"]), device=device)
+        self.stage3_step = torch.tensor(int(state["stage3_step"]), device=device)
+
     def observe(self, step: int, stats: ReducedRoutingStats, l1_coeff: torch.Tensor | None) -> None:
         """Every step, device-only (no host synchronisation)."""
         self.window_load += stats.tokens_per_expert

@@ -25,12 +25,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torchtitan.distributed.utils as titan_dist_utils
+from torch.distributed.checkpoint.api import CheckpointException
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.train import Trainer
 
 import remoe_recipe  # noqa: F401  registers the `remoe` train spec
 from remoe_recipe.config import ConfigError
-from remoe_recipe.finiteness import NonFiniteError, describe_non_finite, step_values
+from remoe_recipe.finiteness import NonFiniteError, describe_non_finite, first_non_finite_state, step_values
+from remoe_recipe.infra.checkpoint_layout import (
+    CheckpointError, check_resume, checkpoint_to_resume, first_line, other_steps_hint,
+)
 from remoe_recipe.load_checkpoint import RUN_CONFIG_FILE
 from remoe_recipe.metrics import RoutingMonitor, tensorboard_writer
 from remoe_recipe.platform import enable_cpu_training
@@ -65,6 +69,7 @@ class ReMoETrainer(Trainer):
         self.l1_controller: L1CoefficientController | None = None
         self.last_routing: ReducedRoutingStats | None = None
         self.pending_routing_log = None
+        self._titan_load, self.checkpointer.load = self.checkpointer.load, self._load_checkpoint
         self.optimizers.register_step_pre_hook(lambda *a, **k: self._before_optimizer_step())
         if not args.is_moe:
             return
@@ -209,18 +214,61 @@ class ReMoETrainer(Trainer):
             f"checkpoint {os.path.join(ckpt.folder, f'step-{self.step}')} saved; run the same command to resume"
         )
 
+    def run_identity(self) -> dict[str, Any]:
+        """What a checkpoint must have been saved by to resume this run (checked before loading)."""
+        args = self.model_args
+        return {
+            "router": args.moe.router if args.is_moe else "dense",
+            "num_experts": args.num_routed_experts if args.is_moe else 0,
+            "granularity": args.moe.granularity if args.is_moe else 1,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
+        state.update(self.run_identity())
+        if self.routing_stats is not None:
+            state.update(self.routing_monitor.state_dict())
         if self.l1_controller is not None:
             state.update(self.l1_controller.state_dict())
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        if self.routing_stats is not None:
+            self.routing_monitor.load_state_dict(state_dict)
         if self.l1_controller is not None:
-            if "l1_coeff" not in state_dict:
-                raise ValueError("checkpoint train_state has no l1_coeff: it was not saved by a ReMoE (relu) run")
             self.l1_controller.load_state_dict(state_dict)
+
+    def _load_checkpoint(self, step: int = -1) -> bool:
+        """torchtitan's CheckpointManager.load, with the recipe's checks before and after it: every
+        failure is one line naming the step folder and the option that helps."""
+        cfg = self.job_config.checkpoint
+        path = checkpoint_to_resume(cfg, self.job_config.job.dump_folder)
+        if path is not None:
+            dp = self.parallel_dims.get_mesh("batch").size() if self.parallel_dims.dp_enabled else 1
+            from_initial = not os.path.exists(os.path.join(self.job_config.job.dump_folder, cfg.folder))
+            model_only = cfg.initial_load_model_only if from_initial else step == 0
+            check_resume(path, self.run_identity(), dp, list(cfg.exclude_from_loading), model_only)
+        try:
+            loaded = self._titan_load(step=step)
+        except (CheckpointError, ConfigError):
+            raise
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            where = path or os.path.join(self.job_config.job.dump_folder, cfg.folder)
+            raise CheckpointError(
+                f"checkpoint {where} could not be loaded ({type(e).__name__}: {first_line(e)}); "
+                f"it may be corrupt: {other_steps_hint(where)}"
+            ) from None
+        if loaded:
+            bad = first_non_finite_state(
+                {name: self.checkpointer.states[name].state_dict() for name in ("model", "optimizer")}
+            )
+            if bad is not None:
+                raise CheckpointError(
+                    f"checkpoint {path}: {bad} holds NaN/inf values after loading (a corrupt file, or saved from "
+                    f"a diverged run); {other_steps_hint(path)}"
+                )
+        return loaded
 
 
 def _single_process_env() -> None:
@@ -287,6 +335,9 @@ def main(argv: list[str] | None = None) -> None:
             for sig in STOP_SIGNALS:
                 signal.signal(sig, lambda signum, _frame: setattr(trainer, "signal_received", signum))
             trainer.train()
+    except (CheckpointError, ConfigError) as e:
+        logger.error(f"{'checkpoint' if isinstance(e, CheckpointError) else 'config'} error: {e}")
+        raise SystemExit(2) from None
     except NonFiniteError as e:
         logger.error(f"{e}; {_newest_checkpoint(config)}. Lower optimizer.lr, or resume from an earlier step with --checkpoint.load_step N")
         raise SystemExit(3) from None

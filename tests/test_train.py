@@ -108,9 +108,11 @@ def test_resume_continues_the_run_exactly(tmp_path):
     run_training("debug_remoe.toml", resumed, *common, "--training.steps", "6")
     run_training("debug_remoe.toml", resumed, *common, "--training.steps", "12")
     a, b = read_scalars(straight), read_scalars(resumed)
-    for tag in ("loss_metrics/global_avg_loss", "remoe/l1_coeff", "remoe/sparsity", "remoe/l1_loss", "lr"):
+    for tag in ("loss_metrics/global_avg_loss", "remoe/l1_coeff", "remoe/sparsity", "remoe/l1_loss", "lr", "remoe/stage"):
         for step in range(1, 13):
             assert b[tag][step] == pytest.approx(a[tag][step], rel=1e-6, abs=1e-9), (tag, step)
+    # The stage tracker is in the checkpoint: the settling step after the resume is the original one.
+    assert b.get("remoe/settling_step") == a.get("remoe/settling_step")
 
 
 @pytest.mark.slow
