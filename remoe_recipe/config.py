@@ -50,6 +50,12 @@ class MoE:
     expert_impl: Literal["grouped_mm", "loop"] = "grouped_mm"
     """How experts run: one torch._grouped_mm over all experts, or a per-expert loop."""
 
+    pair_chunk_size: int = -1
+    """Bounds the activation memory of ReMoE's dense start (stages I-II): when a micro-batch routes more
+    (token, expert) pairs than this, they go through the experts in chunks of this many, each recomputed
+    in backward instead of keeping its activations. -1 (auto): chunks of T*k pairs once a micro-batch of
+    T tokens routes more than 2*T*k (k*G at granularity G), i.e. during the dense start only; 0: never."""
+
 
 @dataclass
 class OptimizerExtras:
@@ -112,6 +118,7 @@ def validate_moe(moe: MoE) -> None:
         ("load_balance", bool),
         ("router", str),
         ("expert_impl", str),
+        ("pair_chunk_size", int),
     ):
         _check_type(f"moe.{name}", getattr(moe, name), expected)
     if moe.router not in ROUTERS:
@@ -119,6 +126,10 @@ def validate_moe(moe: MoE) -> None:
     if moe.expert_impl not in EXPERT_IMPLS:
         raise ConfigError(
             f"moe.expert_impl = {moe.expert_impl!r}: expected one of {EXPERT_IMPLS}"
+        )
+    if moe.pair_chunk_size < -1:
+        raise ConfigError(
+            f"moe.pair_chunk_size = {moe.pair_chunk_size}: expected -1 (auto), 0 (off) or a number of pairs > 0"
         )
     if moe.ffn_expansion < 1:
         raise ConfigError(f"moe.ffn_expansion = {moe.ffn_expansion}: expected >= 1")

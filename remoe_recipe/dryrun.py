@@ -82,23 +82,45 @@ def count_rank_params(model: torch.nn.Module, efsdp: int) -> RankParams:
     return counts
 
 
-def activation_bytes(args, job_config, active_per_token: float, ac_mode: str) -> float:
-    """Activations one micro-batch keeps for backward on one rank (balanced routing assumed).
-    Per token and layer: attention (~8 dim + 2 kv widths), router gates (fp32), and per active
-    (token, expert) pair the gathered input, the three expert GEMM outputs, the SwiGLU product and
-    the weighted output (3 dim + 4 expert widths). Plus the output logits in fp32 with their grad."""
+def pair_bytes(args, b: int) -> float:
+    """Bytes one active (token, expert) pair keeps for backward in the MoE layer: the gathered input and
+    the SwiGLU's four expert-width tensors (compute dtype), the expert output in fp32 (the gate's
+    gradient), and the pair's token and expert indices."""
+    return (args.dim + 4 * args.expert_dim) * b + 4 * args.dim + 16
+
+
+def chunk_pairs(size: int, tokens: int, active_per_token: float, top_k: int) -> int:
+    """Pairs per chunk if the MoE layer chunks at this density (`[moe] pair_chunk_size` = size), else 0.
+    Mirrors the layer (`moe.chunk_limit`): auto chunks by T*k beyond 2*T*k pairs."""
+    pairs = tokens * active_per_token
+    if size < 0:
+        return tokens * top_k if pairs > 2 * tokens * top_k else 0
+    return size if 0 < size < pairs else 0
+
+
+def activation_bytes(args, job_config, active_per_token: float, ac_mode: str, pair_chunk_size=None) -> float:
+    """Activations one micro-batch keeps for backward on one rank (balanced routing assumed), plus the
+    largest transient of backward. Per token and layer: attention (~8 dim + 2 kv widths), router gates
+    (fp32) and per active pair `pair_bytes`, or only its indices when the pairs run in chunks that are
+    recomputed in backward (then one chunk's activations and gradients are the transient). Plus the
+    output logits in fp32 with their grad."""
     b = TORCH_DTYPE_MAP[job_config.training.mixed_precision_param].itemsize
     tokens = job_config.training.local_batch_size * job_config.training.seq_len
     kv = args.n_kv_heads * args.head_dim
+    transient = 0.0
     if args.is_moe:
-        ffn = 2 * args.num_routed_experts * 4 + active_per_token * (3 * args.dim + 4 * args.expert_dim) * b
+        size = job_config.moe.pair_chunk_size if pair_chunk_size is None else pair_chunk_size
+        chunk = chunk_pairs(size, tokens, active_per_token, args.routed_top_k)
+        per_pair = 16 if chunk else pair_bytes(args, b)
+        transient = 2 * chunk * pair_bytes(args, b)
+        ffn = 2 * args.num_routed_experts * 4 + active_per_token * per_pair
     else:
         ffn = (2 * args.dim + 3 * args.dense_ffn_dim) * b
     per_layer = tokens * ((8 * args.dim + 2 * kv) * b + ffn)
     logits = tokens * args.vocab_size * (b + 4 + 4)
     if ac_mode == "full":  # block inputs kept, one block recomputed at a time
-        return args.n_layers * tokens * args.dim * b + per_layer + logits
-    return args.n_layers * per_layer + logits
+        return args.n_layers * tokens * args.dim * b + per_layer + logits + transient
+    return args.n_layers * per_layer + logits + transient
 
 
 def dry_run(argv: list[str]) -> str:
@@ -164,19 +186,29 @@ def report(job_config, layout, parallel_dims, args, params: RankParams, notes: l
         f"memory estimate per rank: {states / GiB:.2f} GiB weights+grads+AdamW ({t.dtype}), "
         f"{gathered / GiB:.2f} GiB FSDP gathered blocks ({t.mixed_precision_param})",
     ]
+    fixed = states + gathered
     act = activation_bytes(args, job_config, args.routed_top_k, ac)
+    stage = "stage III, " if job_config.moe.router == "relu" else ""
     text = f"  activations per micro-batch (AC {ac}): {act / GiB:.2f} GiB"
     if args.is_moe:
-        text += f" at {args.routed_top_k} active experts/token"
-    if job_config.moe.router == "relu":  # ReLU gates start about half open: the peak is early
-        act = activation_bytes(args, job_config, args.num_routed_experts / 2, ac)
-        text += f", {act / GiB:.2f} GiB in ReMoE's dense start (~{args.num_routed_experts / 2:g}/token)"
+        text += f" ({stage}{args.routed_top_k} active experts/token)"
     lines.append(text)
-    peak = states + gathered + act
     lines.append(
-        f"  peak estimate: {peak / GiB:.2f} GiB (balanced routing; excludes allocator slack, "
-        "communication buffers and the CUDA context)"
+        f"  peak estimate{' in stage III' if stage else ''}: {(fixed + act) / GiB:.2f} GiB (balanced routing; "
+        "excludes allocator slack, communication buffers and the CUDA context)"
     )
+    if job_config.moe.router == "relu":  # ReLU gates start about half open: the peak is early
+        dense = args.num_routed_experts / 2
+        act_dense = activation_bytes(args, job_config, dense, ac)
+        unbounded = activation_bytes(args, job_config, dense, ac, pair_chunk_size=0)
+        tokens = t.local_batch_size * t.seq_len
+        chunk = chunk_pairs(job_config.moe.pair_chunk_size, tokens, dense, args.routed_top_k)
+        how = (f"pairs in chunks of {chunk:,} (moe.pair_chunk_size = {job_config.moe.pair_chunk_size})"
+               if chunk else "pairs not chunked (moe.pair_chunk_size)")
+        lines.append(
+            f"  peak estimate in stage I (dense start, ~{dense:g} experts/token): {(fixed + act_dense) / GiB:.2f} GiB, "
+            f"{how}" + (f"; {(fixed + unbounded) / GiB:.2f} GiB with moe.pair_chunk_size = 0" if chunk else "")
+        )
     lines += [f"note: {n}" for n in notes]
     lines.append("dry run OK: the layout validates")
     return "\n".join(lines)

@@ -4,7 +4,17 @@ Dropless and variable-k: the router's mask lists the active pairs, whatever thei
 token 0..N experts). Compute is proportional to the number of pairs, not to T * N. The experts are
 torchtitan's `GroupedExperts` (weights w1/w3 [N, H, D], w2 [N, D, H]), so torchtitan's expert-parallel
 style applies to them unchanged; only their forward is replaced to keep the input dtype (torchtitan's
-grouped path always casts to bf16) and to choose the CPU or GPU permutation kernel by device.
+grouped path always casts to bf16) and to pad expert groups only where the kernel needs it (CUDA).
+
+Host synchronisations (docs/scale-out.md has the measured counts): the number of pairs P sizes every
+buffer. TopK knows it statically (T * k); ReLU routing reads it once per layer forward, right after the
+router, before any expert work is queued. Everything after is static-shaped given P (no `nonzero`, no
+boolean-mask indexing, no host reads), and backward reads nothing: an activation-checkpoint recompute
+reuses the P of its forward.
+
+The combine accumulates the gate-weighted expert outputs in fp32 with `index_add_`: sequential (bitwise
+reproducible) on CPU, and the deterministic sort-based kernel on CUDA under
+`torch.use_deterministic_algorithms(True)` (torchtitan's `--debug.deterministic`).
 """
 
 from dataclasses import dataclass
@@ -13,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torchtitan.models.moe.kernels import generate_permute_indices
+from torch.utils.checkpoint import checkpoint
 from torchtitan.models.moe.moe import GroupedExperts
 
 from .router import ReLURouter, Routing, TopKRouter
@@ -44,30 +54,42 @@ def _looped_swiglu(w1, w2, w3, x, num_tokens_per_expert) -> torch.Tensor:
     return torch.vstack((out, out.new_zeros((x.shape[0] - used, out.shape[-1]))))
 
 
-def _run_aligned(fn, w1, w2, w3, x, num_tokens_per_expert) -> torch.Tensor:
-    """Pad every expert's rows to GROUP_ALIGNMENT (empty experts included), run, unpad.
-    Same permutation as torchtitan's indices_padding_wrapper, with its CPU kernel on CPU."""
-    num_experts = w1.shape[0]
-    max_len = x.shape[0] + num_experts * GROUP_ALIGNMENT
-    max_len = -(-max_len // GROUP_ALIGNMENT) * GROUP_ALIGNMENT
+def _run_aligned(fn, w1, w2, w3, x, num_tokens_per_expert, alignment: int) -> torch.Tensor:
+    """Pad every expert's rows to a multiple of `alignment` (empty experts get one aligned group, as
+    torchtitan's generate_permute_indices does), run, read the real rows back in order.
+
+    The padded layout is computed by arithmetic on the counts, with a static size (rows + N * alignment),
+    so nothing reaches the host: slot j of expert e holds row starts[e] + (j - aligned_starts[e]) while
+    that is below the expert's count, else the appended zero row. Same layout as torchtitan's
+    indices_padding_wrapper, without its Triton kernel (GPU) or per-expert `.item()` loop (CPU twin)."""
+    num_rows, num_experts = x.shape[0], w1.shape[0]
+    max_len = -(-(num_rows + num_experts * alignment) // alignment) * alignment
+    counts = num_tokens_per_expert.to(torch.int64)
     with torch.no_grad():
-        permuted, padded_counts, _ = generate_permute_indices(
-            num_tokens_per_expert.to(torch.int32), num_experts, 1, max_len, GROUP_ALIGNMENT,
-            use_cpu=x.device.type == "cpu",
-        )
-        permuted = permuted.to(x.device)
-    num_rows = x.shape[0]
-    # Padding slots (-1) read an appended zero row. index_select, not x[idx]: its backward is
-    # index_add_, deterministic on CPU, where advanced-indexing's accumulate is not.
-    gather = torch.where(permuted < 0, num_rows, permuted)
+        aligned = torch.clamp_min((counts + alignment - 1) // alignment * alignment, alignment)
+        aligned_ends = torch.cumsum(aligned, 0)
+        aligned_starts, starts = aligned_ends - aligned, torch.cumsum(counts, 0) - counts
+        # padded slot -> its expert -> the row it reads (slots past the last group read the zero row)
+        slots = torch.arange(max_len, device=x.device)
+        expert = torch.searchsorted(aligned_ends, slots, right=True).clamp_(max=num_experts - 1)
+        within = slots - aligned_starts[expert]
+        valid = (within < counts[expert]) & (slots < aligned_ends[-1])
+        source = torch.where(valid, starts[expert] + within, num_rows)
+        # real row -> its slot: rows are expert-major, so row r belongs to the expert whose range holds it
+        rows = torch.arange(num_rows, device=x.device)
+        row_expert = torch.searchsorted(torch.cumsum(counts, 0), rows, right=True).clamp_(max=num_experts - 1)
+        row_slot = aligned_starts[row_expert] + rows - starts[row_expert]
+    # Padding slots read an appended zero row. index_select, not x[idx]: its backward is index_add_,
+    # deterministic on CPU (and on CUDA under use_deterministic_algorithms).
     x = torch.vstack((x, x.new_zeros((1, x.shape[-1]))))
-    out = fn(w1, w2, w3, x.index_select(0, gather), padded_counts.to(x.device))
-    # Each real row appears once in `permuted`: invert it to read the outputs back in order.
-    slots = torch.arange(permuted.shape[0], device=x.device)
-    real = permuted >= 0
-    inverse = torch.empty(num_rows, dtype=torch.long, device=x.device)
-    inverse[permuted[real].long()] = slots[real]
-    return out.index_select(0, inverse)
+    out = fn(w1, w2, w3, x.index_select(0, source), aligned.to(torch.int32))
+    return out.index_select(0, row_slot)
+
+
+def group_alignment(device: torch.device) -> int:
+    """Row alignment of each expert's group for `torch._grouped_mm`: CUDA's kernel wants 16-byte
+    aligned group offsets (8 rows in bf16, as torchtitan); the CPU kernel takes any offsets."""
+    return GROUP_ALIGNMENT if device.type == "cuda" else 1
 
 
 class Experts(GroupedExperts):
@@ -75,6 +97,8 @@ class Experts(GroupedExperts):
 
     # The grouped GEMMs; torch.compile (infra/compile.py) swaps in a compiled twin per instance.
     grouped_swiglu = staticmethod(_grouped_swiglu)
+    # Group row alignment; None: by device (`group_alignment`). Tests set 8 to run the CUDA layout on CPU.
+    align_rows: int | None = None
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         if isinstance(self.w1, DTensor):
@@ -84,11 +108,11 @@ class Experts(GroupedExperts):
         else:
             w1, w2, w3 = self.w1, self.w2, self.w3
             expert_parallel = False
-        if not self.use_grouped_mm:
-            return _looped_swiglu(w1, w2, w3, x, num_tokens_per_expert)
-        if expert_parallel:  # the expert-parallel dispatch has already aligned the groups
-            return self.grouped_swiglu(w1, w2, w3, x, num_tokens_per_expert)
-        return _run_aligned(self.grouped_swiglu, w1, w2, w3, x, num_tokens_per_expert)
+        swiglu = self.grouped_swiglu if self.use_grouped_mm else _looped_swiglu
+        alignment = self.align_rows or group_alignment(x.device)
+        if not self.use_grouped_mm or expert_parallel or alignment == 1:
+            return swiglu(w1, w2, w3, x, num_tokens_per_expert)  # EP's dispatch has aligned the groups
+        return _run_aligned(swiglu, w1, w2, w3, x, num_tokens_per_expert, alignment)
 
     def init_weights(self, init_std: float, output_std: float) -> None:
         nn.init.normal_(self.w1, mean=0.0, std=init_std)
@@ -111,6 +135,15 @@ def in_recompute() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def chunk_limit(pair_chunk_size: int, num_tokens: int, top_k: int) -> int:
+    """Pairs per chunk of the expert block, or 0 for no chunking (`[moe] pair_chunk_size`).
+    -1 (auto): chunks of T * k pairs once a micro-batch routes more than 2 * T * k (ReMoE's dense
+    start); TopK routes exactly T * k and stage III about that, so neither is chunked."""
+    if pair_chunk_size < 0:
+        return num_tokens * top_k
+    return pair_chunk_size
+
+
 class MoE(nn.Module):
     def __init__(
         self,
@@ -121,6 +154,7 @@ class MoE(nn.Module):
         router: str,
         load_balance: bool,
         use_grouped_mm: bool,
+        pair_chunk_size: int = -1,
     ):
         super().__init__()
         if router == "relu":
@@ -131,29 +165,80 @@ class MoE(nn.Module):
             raise ValueError(f"moe.router = {router!r}: the MoE layer needs 'relu' or 'topk'")
         self.experts = Experts(dim, expert_dim, num_experts, use_grouped_mm)
         self.num_experts = num_experts
+        self.top_k = top_k
+        self.pair_chunk_size = pair_chunk_size
         # Set by each forward outside recompute; taken (and cleared) by `pop_record`.
         self.record: RouterRecord | None = None
+        # The last forward's number of pairs, for its activation-checkpoint recompute (no host read
+        # in backward). One slot: a micro-batch's backward follows its forward (no pipelining).
+        self._forward_pairs: int | None = None
+        # How many chunks the last forward ran the experts in (1: unchunked); for tests and benchmarks.
+        self.last_num_chunks = 0
+
+    def _num_pairs(self, routing: Routing, tokens_per_expert: torch.Tensor, num_tokens: int) -> int:
+        if in_recompute() and self._forward_pairs is not None:
+            return self._forward_pairs
+        if isinstance(self.router, TopKRouter):
+            pairs = num_tokens * self.top_k  # every token has exactly k experts: no host read
+        else:
+            pairs = int(tokens_per_expert.sum())  # the layer's one host sync (ReLU: variable k)
+        self._forward_pairs = pairs
+        return pairs
+
+    def _weighted_outputs(self, x, gates, token_idx, expert_idx, counts) -> torch.Tensor:
+        """[pairs, D] fp32: each pair's expert output times its gate."""
+        routed_out = self.experts(x.index_select(0, token_idx), counts)
+        weights = gates.flatten().index_select(0, token_idx * self.num_experts + expert_idx)
+        return routed_out.float() * weights.unsqueeze(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        num_tokens = x.shape[0]
         routing: Routing = self.router(x)
         tokens_per_expert = routing.mask.sum(dim=0)
-        # Expert-major list of active pairs: tokens of expert 0, then of expert 1, ...
-        expert_idx, token_idx = routing.mask.t().nonzero(as_tuple=True)
-        # index_select rather than advanced indexing: deterministic backward on CPU.
-        routed_out = self.experts(x.index_select(0, token_idx), tokens_per_expert)
-        flat_pair = token_idx * self.num_experts + expert_idx
-        weights = routing.gates.flatten().index_select(0, flat_pair).unsqueeze(-1)
-        # Tokens with no active expert keep a zero row: only the residual carries them.
-        out = torch.zeros_like(x).index_add_(0, token_idx, (routed_out.float() * weights).to(x.dtype))
+        num_pairs = self._num_pairs(routing, tokens_per_expert, num_tokens)
+        # Expert-major list of active pairs: tokens of expert 0, then of expert 1, ... (static size)
+        expert_idx, token_idx = torch.nonzero_static(routing.mask.t(), size=num_pairs).unbind(1)
+        # The gate-weighted combine sums in fp32. Tokens with no active expert keep a zero row: only
+        # the residual carries them.
+        out = x.new_zeros(x.shape, dtype=torch.float32)
+        limit = chunk_limit(self.pair_chunk_size, num_tokens, self.top_k)
+        chunked = 0 < limit < num_pairs and not (self.pair_chunk_size < 0 and num_pairs <= 2 * limit)
+        if not chunked:
+            out.index_add_(0, token_idx, self._weighted_outputs(x, routing.gates, token_idx, expert_idx,
+                                                                tokens_per_expert))
+            self.last_num_chunks = 1
+        else:
+            out = self._chunked(out, x, routing.gates, token_idx, expert_idx, tokens_per_expert, limit)
         if not in_recompute():
             self.record = RouterRecord(
                 loss_term=routing.loss_term,
                 tokens_per_expert=tokens_per_expert.detach().float(),
-                num_tokens=x.shape[0],
+                num_tokens=num_tokens,
             )
-        return out.reshape(shape)
+        return out.to(x.dtype).reshape(shape)
+
+    def _chunked(self, out, x, gates, token_idx, expert_idx, tokens_per_expert, limit) -> torch.Tensor:
+        """Bounded memory for ReMoE's dense start: the pairs go through the experts `limit` at a time,
+        and each chunk is recomputed in backward rather than keeping its activations, so the memory
+        a layer holds is its input and gates (not per-pair activations), and the recompute's peak is
+        one chunk's. The fp32 sums run in the same order as the unchunked index_add_. Under expert
+        parallelism each chunk is one exchange, repeated in backward by the recompute (with its host
+        sync): the dense start's price for bounded memory; stage III is not chunked."""
+        ends = torch.cumsum(tokens_per_expert, 0)
+        starts = ends - tokens_per_expert
+        num_pairs = token_idx.shape[0]
+        self.last_num_chunks = 0
+        for lo in range(0, num_pairs, limit):
+            hi = min(lo + limit, num_pairs)
+            # each expert's pairs inside [lo, hi): pairs are expert-major
+            counts = ends.clamp(lo, hi) - starts.clamp(lo, hi)
+            tok, exp = token_idx[lo:hi], expert_idx[lo:hi]
+            weighted = checkpoint(self._weighted_outputs, x, gates, tok, exp, counts, use_reentrant=False)
+            out = out.index_add(0, tok, weighted)
+            self.last_num_chunks += 1
+        return out
 
     def pop_record(self) -> RouterRecord | None:
         record, self.record = self.record, None

@@ -1,0 +1,463 @@
+"""The MoE layer as a GPU runs it: host synchronisations, a deterministic fp32 combine, and the chunked
+dense start, all checked on CPU.
+
+Host syncs are counted with a TorchDispatchMode (plus a TorchFunctionMode for `tolist`, which a CPU
+tensor answers without dispatching): every op whose output shape or value must reach the host before
+the next op can be queued. The reference is torchtitan 0.2.2's own TopK MoE layer in the same setting,
+counted by the same counter; a positive control shows the counter sees each kind of sync.
+"""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchtitan.models.moe.utils as tt_moe_utils
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchtitan.models.moe.moe import MoE as TorchtitanMoE, MoEArgs
+
+from remoe_recipe.model.moe import MoE
+
+# ------------------------------------------------------------------------------------------------
+# the counter
+# ------------------------------------------------------------------------------------------------
+
+# Ops whose output size depends on tensor values (the host must read it to allocate) or that return a
+# value to the host.
+DATA_DEPENDENT = {
+    "aten.nonzero.default", "aten.masked_select.default", "aten._local_scalar_dense.default",
+    "aten.unique_dim.default", "aten._unique.default", "aten._unique2.default",
+    "aten.unique_consecutive.default", "aten.masked_scatter.default", "aten.masked_scatter_.default",
+}
+
+
+def _is_bool_index(func, args) -> bool:
+    name = str(func)
+    if not (name.startswith("aten.index.") or name.startswith("aten.index_put")):
+        return False
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
+
+
+class SyncCounter:
+    """Counts host syncs by kind; `pause()` excludes a region (a CPU twin of a sync-free GPU kernel)."""
+
+    def __init__(self):
+        self.events: list[str] = []
+        self.paused = False
+        counter = self
+
+        class Dispatch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if not counter.paused:
+                    name = str(func)
+                    if name in DATA_DEPENDENT or _is_bool_index(func, args):
+                        counter.events.append(name)
+                    elif name == "aten.repeat_interleave.Tensor" and kwargs.get("output_size") is None:
+                        counter.events.append(name)
+                    elif name == "aten._to_copy.default" and kwargs.get("device") is not None:
+                        src = args[0].device
+                        if src.type != "cpu" and torch.device(kwargs["device"]).type == "cpu":
+                            counter.events.append(name + " (device to host)")
+                    elif name == "aten.lift_fresh.default":
+                        counter.events.append("host data uploaded (torch.tensor)")
+                return func(*args, **kwargs)
+
+        self._mode = Dispatch()
+
+    def _count_host_read(self, method):
+        counter = self
+
+        @functools.wraps(method)
+        def read(tensor, *args, **kwargs):
+            if not counter.paused:
+                counter.events.append(method.__name__)
+            return method(tensor, *args, **kwargs)
+        return read
+
+    def __enter__(self):
+        # `tolist`/`numpy` of a CPU tensor read memory without dispatching (on a GPU they dispatch a
+        # device-to-host copy): count them at the method. A patch, not a TorchFunctionMode, because
+        # function modes do not reach the autograd engine (backward, checkpoint recomputes).
+        self._saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, self._count_host_read(method))
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, method)
+
+    def pause(self, fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            self.paused = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.paused = False
+        return run
+
+
+def count_step(layer, x, counter_setup=None) -> tuple[list[str], list[str]]:
+    """Syncs of one forward and of one backward of `layer` on `x`."""
+    r = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    with SyncCounter() as fwd:
+        if counter_setup:
+            counter_setup(fwd)
+        y = layer(x)
+        loss = (y * r).sum()
+    with SyncCounter() as bwd:
+        loss.backward()
+    return fwd.events, bwd.events
+
+
+def test_counter_sees_each_kind_of_sync():
+    """Positive control: each of the host-sync patterns the old dispatch had is counted."""
+    x = torch.randn(8, 4)
+    mask = x[:, 0] > 0
+    for op in (
+        lambda: mask.nonzero(),
+        lambda: x[mask],  # boolean-mask indexing
+        lambda: x.new_zeros(8, 4).index_put_((mask,), torch.ones(4)),
+        lambda: int(mask.sum()),  # .item()
+        lambda: mask.sum().tolist(),
+        lambda: torch.tensor([1.0, 2.0]),  # host data into a (device) tensor
+        lambda: torch.repeat_interleave(torch.tensor([1, 2]).clone()),
+    ):
+        with SyncCounter() as c:
+            op()
+        assert c.events, op
+
+    class ReadsInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, v):
+            return v * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            g.nonzero()
+            g.sum().tolist()
+            return g * 2
+
+    y = ReadsInBackward.apply(torch.randn(3, requires_grad=True)).sum()
+    with SyncCounter() as c:  # also inside the autograd engine
+        y.backward()
+    assert c.events == ["aten.nonzero.default", "tolist"]
+    with SyncCounter() as c:  # and sync-free ops are not
+        idx = torch.arange(4)
+        x.index_select(0, idx).sum(0)
+        torch.nonzero_static(mask, size=3)
+        torch.zeros(8, 4).index_add_(0, idx, x[:4])
+    assert c.events == []
+
+
+# ------------------------------------------------------------------------------------------------
+# the reference: torchtitan 0.2.2's TopK MoE layer, non-EP grouped path
+# ------------------------------------------------------------------------------------------------
+
+T, D, H, N = 64, 16, 32, 8
+
+
+def _torchtitan_layer(top_k=2):
+    args = MoEArgs(
+        num_experts=N, num_shared_experts=0, score_func="softmax", route_norm=False, top_k=top_k,
+        score_before_experts=False, load_balance_coeff=None, use_grouped_mm=True,
+    )
+    torch.manual_seed(0)
+    layer = TorchtitanMoE(args, dim=D, hidden_dim=H)
+    with torch.no_grad():
+        layer.init_weights(0.1, torch.device("cpu"))
+    return layer
+
+
+def _recipe_layer(router, top_k=2, align_rows=8, **kw):
+    torch.manual_seed(0)
+    layer = MoE(D, H, N, top_k, router, load_balance=True, use_grouped_mm=True, **kw)
+    layer.init_weights(0.3, 0.3)
+    layer.experts.align_rows = align_rows
+    return layer
+
+
+def _input(dtype=torch.float32):
+    return torch.randn(2, T // 2, D, generator=torch.Generator().manual_seed(2), dtype=dtype).requires_grad_()
+
+
+@pytest.fixture
+def cpu_permute_twin(monkeypatch):
+    """torchtitan on CPU as on GPU. It pads groups with a Triton kernel (sync-free) on GPU; on CPU its
+    twin loops with `.item()`: run the twin with counting paused, so the count is the GPU path's.
+    Its router counts experts with `torch.histc` on integers, which only CUDA implements: count the
+    same values as floats (the same sync-free op)."""
+    histc = torch.histc
+    monkeypatch.setattr(torch, "histc", lambda t, **kw: histc(t.float(), **kw).to(t.dtype))
+
+    def install(counter):
+        original = tt_moe_utils.generate_permute_indices
+        monkeypatch.setattr(
+            tt_moe_utils, "generate_permute_indices",
+            counter.pause(functools.partial(original, use_cpu=True)),
+        )
+    return install
+
+
+def test_torchtitan_topk_layer_does_no_sync_without_ep(cpu_permute_twin):
+    fwd, bwd = count_step(_torchtitan_layer(), _input(), cpu_permute_twin)
+    assert fwd == [] and bwd == []
+
+
+# ------------------------------------------------------------------------------------------------
+# the recipe's layer: TopK 0 (as torchtitan), ReLU 1 (the number of pairs), none in backward
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("align_rows", [8, 1], ids=["cuda_layout", "cpu_layout"])
+@pytest.mark.parametrize("router,expected", [("topk", 0), ("relu", 1)])
+def test_moe_layer_syncs(router, expected, align_rows, cpu_permute_twin):
+    reference_fwd, _ = count_step(_torchtitan_layer(), _input(), cpu_permute_twin)
+    fwd, bwd = count_step(_recipe_layer(router, align_rows=align_rows), _input())
+    assert len(fwd) == expected, fwd
+    assert len(fwd) <= len(reference_fwd) + (1 if router == "relu" else 0)
+    if router == "relu":
+        assert fwd == ["aten._local_scalar_dense.default"]  # the pair count, read once
+    assert bwd == [], bwd
+
+
+@pytest.mark.parametrize("router", ["topk", "relu"])
+def test_checkpoint_recompute_reads_nothing_in_backward(router):
+    """Activation checkpointing re-runs the layer's forward inside backward: it reuses the pair count
+    of its forward instead of reading it again."""
+    layer = _recipe_layer(router)
+    x = _input()
+    fwd, bwd = count_step(
+        lambda v: torch.utils.checkpoint.checkpoint(layer, v, use_reentrant=False), x
+    )
+    assert len(fwd) == (1 if router == "relu" else 0)
+    assert bwd == [], bwd
+
+
+def test_chunked_dense_start_syncs():
+    layer = _recipe_layer("relu", top_k=1, pair_chunk_size=-1)
+    with torch.no_grad():
+        layer.router.gate.weight.abs_()  # inputs below are positive: every gate open, fully dense
+    x = _input().detach().abs().requires_grad_()
+    fwd, bwd = count_step(layer, x)
+    assert layer.last_num_chunks == N  # T*N pairs in chunks of T*k
+    assert len(fwd) == 1 and bwd == []
+
+
+def test_routing_stats_cost_no_sync_per_micro_batch():
+    from remoe_recipe.model.moe import RouterRecord
+    from remoe_recipe.routing_stats import StepRoutingStats
+
+    layers = 3
+    stats = StepRoutingStats(layers, N, torch.device("cpu"))
+    records = [
+        RouterRecord(loss_term=torch.tensor(0.5), tokens_per_expert=torch.arange(N).float(), num_tokens=T)
+        for _ in range(layers)
+    ]
+    lm_sum, lm_tokens = torch.tensor(3.0), torch.tensor(T)
+    with SyncCounter() as c:
+        stats.add(records, lm_sum, lm_tokens)
+        stats.add(records, lm_sum, lm_tokens)
+    assert c.events == []
+    reduced = stats.reduce(None)
+    # independent expectation: active pairs / (tokens * experts) over 2 micro-batches of 3 layers
+    active = 2 * layers * sum(range(N))
+    assert reduced.sparsity.item() == pytest.approx(1 - active / (2 * layers * T * N))
+
+
+# ------------------------------------------------------------------------------------------------
+# the combine: fp32 accumulation, bitwise reproducible
+# ------------------------------------------------------------------------------------------------
+
+
+def _grads_of_step(router, seed=0, dtype=torch.float32, **kw):
+    layer = _recipe_layer(router, align_rows=None, **kw).to(dtype)
+    x = _input(dtype)
+    r = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 7)).to(dtype)
+    (layer(x) * r).sum().backward()
+    return [x.grad] + [p.grad for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("router", ["relu", "topk"])
+def test_seeded_step_gives_bitwise_identical_gradients(router):
+    first, second = _grads_of_step(router), _grads_of_step(router)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    # and under torch.use_deterministic_algorithms (what --debug.deterministic sets) every op of the
+    # step has a deterministic kernel (none raises) and the result is the same
+    torch.use_deterministic_algorithms(True)
+    try:
+        third = _grads_of_step(router)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(first, third))
+
+
+def test_combine_accumulates_in_fp32_with_bf16_activations():
+    layer = _recipe_layer("relu", align_rows=None, pair_chunk_size=0).to(torch.bfloat16)
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith("aten.index_add"):
+                seen.append((args[0].dtype, args[3].dtype))
+            return func(*args, **(kwargs or {}))
+
+    x = _input(torch.bfloat16)
+    with Record():
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert seen == [(torch.float32, torch.float32)]  # one combine, accumulator and addends in fp32
+
+
+# ------------------------------------------------------------------------------------------------
+# the dense start in chunks: same loss and gradients, less memory kept for backward
+# ------------------------------------------------------------------------------------------------
+
+
+def _dense_layer(pair_chunk_size, align_rows=8):
+    layer = _recipe_layer("relu", top_k=1, align_rows=align_rows, pair_chunk_size=pair_chunk_size)
+    with torch.no_grad():  # ReMoE's stage I: most gates open (inputs below have a positive feature 0)
+        layer.router.gate.weight[:, 0] = 3.0
+    return layer
+
+
+def _dense_input():
+    x = _input().detach()
+    x[..., 0] = 1.0
+    return x.requires_grad_()
+
+
+def _saved_bytes(fn):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+@pytest.mark.parametrize("chunk,align_rows", [(-1, 8), (-1, 1), (37, 8), (37, 1)])
+def test_chunked_dense_start_same_loss_and_grads(chunk, align_rows):
+    from tests.test_model import close, naive_moe
+
+    results = {}
+    for name, size in (("whole", 0), ("chunked", chunk)):
+        layer, x = _dense_layer(size, align_rows), _dense_input()
+        r = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+        y, saved = _saved_bytes(lambda: layer(x))
+        loss = (y * r).sum()
+        loss.backward()
+        results[name] = dict(
+            y=y.detach(), loss=loss.detach(), saved=saved, chunks=layer.last_num_chunks,
+            grads=[x.grad] + [p.grad for p in layer.parameters()],
+        )
+    whole, chunked = results["whole"], results["chunked"]
+    assert whole["chunks"] == 1 and chunked["chunks"] > 2
+    # same terms in the same order; only the expert GEMMs' blocking may differ with the row count
+    close(chunked["y"], whole["y"])
+    close(chunked["loss"], whole["loss"])
+    for a, b in zip(chunked["grads"], whole["grads"]):
+        close(a, b)
+    # and both are the layer of the paper (naive token-by-token reference)
+    ex = layer.experts
+    ref = naive_moe(_dense_input().detach(), layer.router.gate.weight, ex.w1, ex.w2, ex.w3, "relu", 1)
+    close(whole["y"], ref.detach())
+    # what the layer keeps for backward: its input and gates instead of every pair's activations
+    assert chunked["saved"] < whole["saved"] / 3
+
+
+def test_auto_chunking_only_in_the_dense_start():
+    sparse = _recipe_layer("relu", top_k=1, pair_chunk_size=-1)  # random gates: about half open
+    with torch.no_grad():
+        sparse.router.gate.weight[:, 0] = -3.0  # now about none open: stage III-like
+    x = _dense_input()
+    sparse(x)
+    assert sparse.last_num_chunks == 1
+    dense = _dense_layer(-1)
+    dense(_dense_input())
+    assert dense.last_num_chunks == N  # T*N pairs, chunks of T*k
+    off = _dense_layer(0)
+    off(_dense_input())
+    assert off.last_num_chunks == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# expert parallelism (torchtitan's ExpertParallel on a one-rank ep mesh, gloo)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ep_mesh():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        yield init_device_mesh("cpu", (1,), mesh_dim_names=("ep",))
+    finally:
+        dist.destroy_process_group()
+
+
+def _expert_parallel(layer, mesh):
+    from torch.distributed.tensor.parallel import parallelize_module
+    from torchtitan.distributed.expert_parallel import ExpertParallel
+
+    parallelize_module(layer.experts, mesh, ExpertParallel())
+    return layer
+
+
+def test_syncs_under_expert_parallelism(ep_mesh, cpu_permute_twin):
+    """The split exchange costs what it costs torchtitan's layer (on CPU its one device-to-host copy
+    shows as two `tolist` of host tensors); TopK adds nothing, ReLU its pair count."""
+    reference, _ = count_step(_expert_parallel(_torchtitan_layer(), ep_mesh), _input(), cpu_permute_twin)
+    assert reference  # the exchange's split sizes reach the host
+    topk_fwd, topk_bwd = count_step(_expert_parallel(_recipe_layer("topk"), ep_mesh), _input(), cpu_permute_twin)
+    relu_fwd, relu_bwd = count_step(
+        _expert_parallel(_recipe_layer("relu", pair_chunk_size=0), ep_mesh), _input(), cpu_permute_twin
+    )
+    assert topk_fwd == reference and topk_bwd == []
+    assert relu_fwd == ["aten._local_scalar_dense.default"] + reference and relu_bwd == []
+
+
+def test_dense_start_chunks_under_expert_parallelism(ep_mesh, cpu_permute_twin):
+    """Under EP each chunk is one exchange; its recompute repeats the exchange in backward (the dense
+    start's price for bounded memory): same output and gradients, less kept."""
+    from tests.test_model import close
+
+    results = {}
+    for size in (0, -1):
+        layer, x = _expert_parallel(_dense_layer(size), ep_mesh), _dense_input()
+        r = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+        counter = SyncCounter()
+        cpu_permute_twin(counter)
+        y, saved = _saved_bytes(lambda: layer(x))
+        with counter:
+            (y * r).sum().backward()
+        grads = [x.grad] + [getattr(p.grad, "full_tensor", lambda g=p.grad: g)() for p in layer.parameters()]
+        results[size] = (y.detach(), saved, counter.events, grads, layer.last_num_chunks)
+    (y0, saved0, events0, g0, chunks0), (y1, saved1, events1, g1, chunks1) = results[0], results[-1]
+    close(y1, y0)
+    for a, b in zip(g1, g0):
+        close(a, b)
+    assert saved1 < saved0 / 3
+    assert chunks0 == 1 and events0 == []
+    assert chunks1 == N and len(events1) == chunks1 * len(["tolist", "tolist"])  # one exchange per chunk
+
+
+@pytest.mark.parametrize("value", [-2, 1.5, True, "auto"])
+def test_validate_rejects_pair_chunk_size(value):
+    from remoe_recipe.config import ConfigError, MoE as MoEConfig, validate_moe
+
+    with pytest.raises(ConfigError, match=r"moe\.pair_chunk_size"):
+        validate_moe(MoEConfig(pair_chunk_size=value))
+    for ok in (-1, 0, 4096):
+        validate_moe(MoEConfig(pair_chunk_size=ok))
