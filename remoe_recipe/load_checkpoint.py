@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -156,7 +157,9 @@ def load_trained_model(
     with torch.no_grad():
         model.init_weights(buffer_device=torch.device("cpu"))  # also the RoPE buffer
     state = model.state_dict()
-    dcp.load(state, checkpoint_id=str(step_dir))  # reads only the model's keys; writes nothing
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=str(step_dir))  # reads only the model's keys; writes nothing
     model.load_state_dict(state)
     model = model.to(device).eval()
     return TrainedModel(model, args, tokenizer, spec, step_dir, step, run_dir_of(step_dir), job)

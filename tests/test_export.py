@@ -133,6 +133,7 @@ def test_exported_tokenizer_encodes_like_tiktoken(tmp_path, monkeypatch, which):
 
 
 def _export_error(capsys, *argv) -> str:
+    capsys.readouterr()  # drop what the setup printed
     with pytest.raises(SystemExit) as exit_info:
         export_main([str(a) for a in argv])
     assert exit_info.value.code == 2
