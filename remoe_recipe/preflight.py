@@ -74,6 +74,25 @@ def check_paths(config) -> None:
             raise ConfigError(f"{key} = {path!r}: no such file, folder or glob match")
 
 
+def check_run_length(config) -> None:
+    # torchtitan fails inside its scheduler for steps < 0 and "completes" a run of 0 steps.
+    steps = config.training.steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ConfigError(f"training.steps = {steps!r}: expected an integer >= 1")
+
+
+def check_tokenizer(config) -> None:
+    """A tokenizer file is parsed here, before any process group: a malformed one is named with its line."""
+    from remoe_recipe.data.tokenizer import _looks_like_path, load_tokenizer
+
+    spec = getattr(config.model, "tokenizer_path", None) or "builtin"
+    if spec != "builtin" and _looks_like_path(spec):
+        try:
+            load_tokenizer(spec)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from None
+
+
 def _config_module(argv: list[str]) -> str:
     for i, arg in enumerate(argv):
         key, _, value = arg.partition("=")
@@ -95,6 +114,8 @@ def load_config(argv: list[str], check_data: bool = True):
     from remoe_recipe.validate import validate_job_config
 
     validate_job_config(config)
+    check_run_length(config)
     if check_data:
         check_paths(config)
+        check_tokenizer(config)
     return config

@@ -31,6 +31,7 @@ from torchtitan.train import Trainer
 
 import remoe_recipe  # noqa: F401  registers the `remoe` train spec
 from remoe_recipe.config import ConfigError
+from remoe_recipe.data.sources import DataError
 from remoe_recipe.finiteness import NonFiniteError, describe_non_finite, first_non_finite_state, step_values
 from remoe_recipe.infra.checkpoint_layout import (
     CheckpointError, check_resume, checkpoint_to_resume, first_line, other_steps_hint,
@@ -284,6 +285,13 @@ def _single_process_env() -> None:
     )
 
 
+def _data_error_line(e: DataError) -> str:
+    # Raised in a dataloader worker, the message holds the worker's traceback; ours is its last line.
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return last.split("DataError: ", 1)[-1]
+
+
 def _newest_checkpoint(config) -> str:
     folder = os.path.join(config.job.dump_folder, config.checkpoint.folder)
     steps = sorted(
@@ -337,6 +345,9 @@ def main(argv: list[str] | None = None) -> None:
             trainer.train()
     except (CheckpointError, ConfigError) as e:
         logger.error(f"{'checkpoint' if isinstance(e, CheckpointError) else 'config'} error: {e}")
+        raise SystemExit(2) from None
+    except DataError as e:
+        logger.error(f"data error: {_data_error_line(e)}")
         raise SystemExit(2) from None
     except NonFiniteError as e:
         logger.error(f"{e}; {_newest_checkpoint(config)}. Lower optimizer.lr, or resume from an earlier step with --checkpoint.load_step N")

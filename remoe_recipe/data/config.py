@@ -37,6 +37,10 @@ class Data:
     "WEIGHT SOURCE", SOURCE being a path (file, folder, glob, shard folder), a built-in name or a
     Hugging Face name (prefix "hf:" to force). E.g. ["2 ./shards/pile", "1 hf:allenai/c4"]."""
 
+    skip_bad_records: bool = False
+    """Local jsonl/txt files: skip a line that is not UTF-8, not JSON, or has no text field (each skip
+    is logged with a running count) instead of stopping the run at it (default: stop, naming file and line)."""
+
     verify_shards: bool = False
     """Token shards: check every shard's sha256 against the index at start-up (reads all data)."""
 

@@ -8,7 +8,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.tools.logging import logger
 
-from remoe_recipe.data.sources import Source
+from remoe_recipe.data.sources import DataError, Source
+
+# Fewer samples than this in one pass over a rank's documents: the run trains on a tiny corpus over and
+# over. Warned once; the per-epoch log lines are then dropped (they would come every few steps).
+SHORT_CORPUS_SAMPLES = 8
 
 
 def worker_shard(dp_rank: int, dp_world_size: int) -> tuple[int, int]:
@@ -86,6 +90,7 @@ class PackedTextDataset(IterableDataset, Stateful):
         self._reset_position()
         self._epoch = 0
         self._state_loaded = False
+        self._short_warned = False
 
     def _reset_position(self) -> None:
         self._doc_idx = 0  # index in the whole source (all ranks) of the next document to read
@@ -102,6 +107,7 @@ class PackedTextDataset(IterableDataset, Stateful):
         while True:
             n_docs = n_samples = 0
             fresh = self._doc_idx == 0 and not self._buffer
+            whole_pass = self._doc_idx == 0
             # The source skips the documents before _doc_idx (read before the resumed state).
             docs = self.source(start=self._doc_idx)
             try:
@@ -122,25 +128,33 @@ class PackedTextDataset(IterableDataset, Stateful):
                 self._reset_position()
                 self._epoch += 1
                 if fresh and n_samples == 0:
-                    raise ValueError(
+                    raise DataError(
                         f"{self.name}: a full pass gave no sample of {seq_len + 1} tokens for dp "
                         f"rank {self.dp_rank} (of {self.dp_world_size}) and this dataloader worker"
                     )
                 return
             if n_docs == 0 and self._doc_idx == 0:
-                raise ValueError(
+                raise DataError(
                     f"{self.name}: no documents for dp rank {self.dp_rank} (of "
                     f"{self.dp_world_size}) and this dataloader worker; the source has too "
                     "few documents for this many ranks/workers"
                 )
             self._epoch += 1
             self._doc_idx = 0
-            logger.info(f"{self.name}: dp rank {self.dp_rank} starts epoch {self._epoch}")
+            if whole_pass and n_samples < SHORT_CORPUS_SAMPLES and not self._short_warned:
+                self._short_warned = True
+                logger.warning(
+                    f"{self.name}: one pass over the data gives only {n_samples} samples of {seq_len + 1} "
+                    f"tokens ({n_docs} documents) for dp rank {self.dp_rank}: training repeats them over "
+                    "and over; use more data or a shorter training.seq_len"
+                )
+            if not self._short_warned:
+                logger.info(f"{self.name}: dp rank {self.dp_rank} starts epoch {self._epoch}")
 
     def _add_document(self, doc: dict, index: int) -> None:
         tokens = self.tokenizer.encode(doc["text"], add_bos=False, add_eos=True)
         if tokens and max(tokens) >= self.vocab_size:
-            raise ValueError(
+            raise DataError(
                 f"{self.name}: document {index} has token id {max(tokens)} >= the vocabulary "
                 f"size {self.vocab_size} (model.tokenizer_path)"
             )

@@ -9,6 +9,11 @@ tokenizing them again.
 Local kinds: jsonl (also .gz, and .zst when `zstandard` is installed), parquet, txt (one document
 per blank-line separated block), a folder (recursive, sorted), a glob. Hugging Face kinds live in
 `remoe_recipe.data.hf`; token shards are not documents and live in `remoe_recipe.data.shards`.
+
+Bad records (a line that is not UTF-8, not JSON, or without the text field) raise `DataError`, one
+line naming the file and line; with `data.skip_bad_records = true` they are skipped instead, each
+with a warning that counts the records skipped so far. Skipping is deterministic, so document
+indices (and an exact resume) do not change.
 """
 
 import glob
@@ -20,6 +25,8 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from itertools import islice
 from pathlib import Path
+
+from torchtitan.tools.logging import logger
 
 from remoe_recipe.data.config import Data
 
@@ -37,6 +44,25 @@ GLOB_CHARS = "*?["
 TORCHTITAN_NAMES = ("c4_test", "c4_validation")
 # Markers of a folder written by datasets' save_to_disk (a Dataset / a DatasetDict).
 HF_DISK_MARKERS = ("state.json", "dataset_dict.json")
+
+
+class DataError(ValueError):
+    """Bad input data; the message is one line naming the file and line (or the config key)."""
+
+
+class BadRecords:
+    """Raise on a bad record, or (data.skip_bad_records) log it with a running count and go on."""
+
+    def __init__(self, skip: bool):
+        self.skip = skip
+        self.count = 0
+
+    def __call__(self, where: str, reason: str) -> None:
+        message = f"{where} {reason}"
+        if not self.skip:
+            raise DataError(f"{message}; fix or remove it, or set data.skip_bad_records = true")
+        self.count += 1
+        logger.warning(f"skipped: {message} ({self.count} bad record(s) skipped in this pass over the file)")
 
 
 # ---------------------------------------------------------------- fields
@@ -57,7 +83,7 @@ def make_document(row, data: Data, default_label: str, where: str) -> dict:
     text = get_field(row, data.text_field) if isinstance(row, dict) else None
     if not isinstance(text, str):
         fields = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise ValueError(
+        raise DataError(
             f"{where}: no string field {data.text_field!r} (data.text_field) in a document "
             f"with fields {fields}"
         )
@@ -70,9 +96,9 @@ def make_document(row, data: Data, default_label: str, where: str) -> dict:
 # ---------------------------------------------------------------- file readers
 
 
-def _open_text(path: Path):
+def _open_binary(path: Path):
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
+        return gzip.open(path, "rb")
     if path.name.endswith(".zst"):
         try:
             import zstandard
@@ -81,35 +107,55 @@ def _open_text(path: Path):
                 f"{path}: reading .zst files needs the `zstandard` package (pip install zstandard)"
             ) from e
         raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-        return io.TextIOWrapper(raw, encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.BufferedReader(raw)
+    return open(path, "rb")
+
+
+def utf8_lines(path: Path, where: str, bad: BadRecords) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every line; a line that is not UTF-8 is a bad record (file and line named)."""
+    with _open_binary(path) as f:
+        try:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    yield line_no, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    bad(f"{where}: line {line_no}", f"is not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+        except (OSError, EOFError) as e:  # a corrupt or truncated .gz/.zst
+            raise DataError(f"{where}: cannot be read ({type(e).__name__}: {e})") from None
 
 
 def jsonl_documents(path: str | os.PathLike, data: Data, key: str) -> Iterator[dict]:
     """One document per non-blank JSON line."""
     path = Path(path)
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{key} = {str(path)!r}: line {line_no} is not JSON ({e})") from e
-            yield make_document(row, data, path.name, f"{key} = {str(path)!r}: line {line_no}")
+    where = f"{key} = {str(path)!r}"
+    bad = BadRecords(data.skip_bad_records)
+    for line_no, line in utf8_lines(path, where, bad):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad(f"{where}: line {line_no}", f"is not JSON ({e})")
+            continue
+        if not isinstance(get_field(row, data.text_field) if isinstance(row, dict) else None, str):
+            fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+            bad(f"{where}: line {line_no}", f"has no string field {data.text_field!r} (data.text_field) "
+                f"in a document with fields {fields}")
+            continue
+        yield make_document(row, data, path.name, f"{where}: line {line_no}")
 
 
-def txt_documents(path: str | os.PathLike) -> Iterator[dict]:
+def txt_documents(path: str | os.PathLike, data: Data | None = None, key: str = "dataset_path") -> Iterator[dict]:
     """One document per block of non-blank lines (blocks are separated by blank lines)."""
     path = Path(path)
+    bad = BadRecords((data or Data()).skip_bad_records)
     block: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                block.append(line)
-            elif block:
-                yield {"text": "".join(block).rstrip("\n"), "source": path.name}
-                block = []
+    for _, line in utf8_lines(path, f"{key} = {str(path)!r}", bad):
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield {"text": "".join(block).rstrip("\n"), "source": path.name}
+            block = []
     if block:
         yield {"text": "".join(block).rstrip("\n"), "source": path.name}
 
@@ -144,7 +190,7 @@ def parquet_rows(path: Path) -> int:
 
 def file_documents(path: Path, data: Data, key: str) -> Iterator[dict]:
     if path.name.endswith(".txt"):
-        return txt_documents(path)
+        return txt_documents(path, data, key)
     if path.name.endswith(".parquet"):
         return parquet_documents(path, data, key)
     return jsonl_documents(path, data, key)

@@ -9,6 +9,7 @@
 """
 
 import base64
+import binascii
 import os
 from pathlib import Path
 
@@ -60,10 +61,17 @@ def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
     """
     ranks = {}
     with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
                 token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except (ValueError, binascii.Error):
+                raise ValueError(
+                    f"{TOKENIZER_KEY} = {str(path)!r}: line {line_no} is not 'base64-token rank' "
+                    f"({line[:60]!r}); is this a tiktoken ranks file?"
+                ) from None
     return ranks
 
 
