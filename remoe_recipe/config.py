@@ -76,11 +76,25 @@ class LRSchedulerExtras:
 
 
 @dataclass
+class MetricsExtras:
+    """Keys the recipe adds to torchtitan's [metrics] section (merged into it)."""
+
+    routing_alert_steps: int = 100
+    """Warn (log and the TensorBoard scalar moe_layers/unhealthy/layer_i) when a MoE layer has been 100 %
+    sparse, or has had more than dead_expert_share of its experts dead, for this many consecutive steps."""
+
+    dead_expert_share: float = 0.5
+    """The share of a layer's experts that may be dead (below 10 % of their fair share of tokens in a step)
+    before the routing alert counts the step."""
+
+
+@dataclass
 class JobConfig:
     moe: MoE = field(default_factory=MoE)
     data: Data = field(default_factory=Data)
     optimizer: OptimizerExtras = field(default_factory=OptimizerExtras)
     lr_scheduler: LRSchedulerExtras = field(default_factory=LRSchedulerExtras)
+    metrics: MetricsExtras = field(default_factory=MetricsExtras)
 
 
 def validate_schedule(config) -> None:

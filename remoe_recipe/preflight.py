@@ -81,6 +81,14 @@ def check_run_length(config) -> None:
         raise ConfigError(f"training.steps = {steps!r}: expected an integer >= 1")
 
 
+def check_routing_alerts(config) -> None:
+    metrics = config.metrics
+    if metrics.routing_alert_steps < 1:
+        raise ConfigError(f"metrics.routing_alert_steps = {metrics.routing_alert_steps}: expected >= 1")
+    if not 0 <= metrics.dead_expert_share < 1:
+        raise ConfigError(f"metrics.dead_expert_share = {metrics.dead_expert_share}: expected 0 <= share < 1")
+
+
 def check_tokenizer(config) -> None:
     """A tokenizer file is parsed here, before any process group: a malformed one is named with its line."""
     from remoe_recipe.data.tokenizer import _looks_like_path, load_tokenizer
@@ -115,6 +123,7 @@ def load_config(argv: list[str], check_data: bool = True):
 
     validate_job_config(config)
     check_run_length(config)
+    check_routing_alerts(config)
     if check_data:
         check_paths(config)
         check_tokenizer(config)

@@ -33,6 +33,7 @@ import remoe_recipe  # noqa: F401  registers the `remoe` train spec
 from remoe_recipe.config import ConfigError
 from remoe_recipe.data.sources import DataError
 from remoe_recipe.finiteness import NonFiniteError, describe_non_finite, first_non_finite_state, step_values
+from remoe_recipe.hf.hf_config import complete_last_hf_save
 from remoe_recipe.infra.checkpoint_layout import (
     CheckpointError, check_resume, checkpoint_to_resume, first_line, other_steps_hint,
 )
@@ -41,6 +42,7 @@ from remoe_recipe.metrics import RoutingMonitor, tensorboard_writer
 from remoe_recipe.platform import enable_cpu_training
 from remoe_recipe.preflight import load_config
 from remoe_recipe.router_loss import RouterLossWrapper
+from remoe_recipe.routing_health import RoutingHealth
 from remoe_recipe.run_folder import RunLock, check_writable
 from remoe_recipe.routing_stats import ReducedRoutingStats, StepRoutingStats
 from remoe_recipe.sparsity import L1CoefficientController
@@ -75,6 +77,10 @@ class ReMoETrainer(Trainer):
         if not args.is_moe:
             return
         self.routing_stats = StepRoutingStats(args.n_layers, args.num_routed_experts, self.device)
+        self.routing_health = RoutingHealth(
+            args.n_layers, args.num_routed_experts, job_config.metrics.routing_alert_steps,
+            job_config.metrics.dead_expert_share, self.device,
+        )
         self.routing_monitor = RoutingMonitor(
             args.n_layers, args.num_routed_experts,
             args.target_sparsity if args.moe.router == "relu" else None, self.device,
@@ -125,14 +131,19 @@ class ReMoETrainer(Trainer):
         ])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        host = torch.cat([values, flags]).tolist()  # the one host transfer of the check
-        values, (loss_bad_somewhere, stop) = host[:-2], host[-2:]
+        health = self.routing_health.update(routing) if routing is not None else values[:0]
+        host = torch.cat([values, health.to(values.device), flags]).tolist()  # the check's one host transfer
+        n = len(values)
+        values, health_host, (loss_bad_somewhere, stop) = host[:n], host[n:-2], host[-2:]
         if loss_bad_somewhere and values[0] == values[0]:
             values[0] = float("nan")  # another rank's loss
         num_layers = len(routing.layer_loss_term) if routing is not None else 0
         reason = describe_non_finite(self.step, values, num_layers, self.model_parts)
         if reason is not None:
             raise NonFiniteError(reason)
+        if routing is not None:
+            for warning in self.routing_health.check(self.step, health_host):
+                logger.warning(warning)
         if stop:
             self.stop_signal = int(stop)  # the same decision on every rank, whichever received the signal
 
@@ -182,6 +193,7 @@ class ReMoETrainer(Trainer):
             self.pending_routing_log = None
 
     def _log_routing(self, scalars: dict[str, float], load_image) -> None:
+        scalars.update(self.routing_health.scalars())
         self.metrics_processor.logger.log(scalars, self.step)
         writer = tensorboard_writer(self.metrics_processor.logger)
         if writer is not None:
@@ -343,6 +355,9 @@ def main(argv: list[str] | None = None) -> None:
             for sig in STOP_SIGNALS:
                 signal.signal(sig, lambda signum, _frame: setattr(trainer, "signal_received", signum))
             trainer.train()
+            if config.checkpoint.enable and config.checkpoint.last_save_in_hf and int(os.environ["RANK"]) == 0:
+                # torchtitan writes the weights only; config, tokenizer and remote code complete the folder
+                complete_last_hf_save(config, trainer.model_args, trainer.step)
     except (CheckpointError, ConfigError) as e:
         logger.error(f"{'checkpoint' if isinstance(e, CheckpointError) else 'config'} error: {e}")
         raise SystemExit(2) from None
