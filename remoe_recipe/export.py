@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from remoe_recipe.hf.convert import iter_to_hf
-from remoe_recipe.hf.hf_config import copy_remote_code, generation_config_dict, hf_config_dict
-from remoe_recipe.hf.tokenizer import save_hf_tokenizer
+from remoe_recipe.hf.hf_config import write_hf_metadata
 from remoe_recipe.load_checkpoint import CheckpointError, TrainedModel, load_trained_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -111,12 +110,7 @@ def export(trained: TrainedModel, out: str | Path, dtype: str = "float32", max_s
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         written = write_safetensors(iter_to_hf(trained.model.state_dict(), trained.args), out, max_bytes, DTYPES[dtype])
-    config = hf_config_dict(trained.args, trained.tokenizer, dtype)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(generation_config_dict(trained.tokenizer), indent=2) + "\n")
-    save_hf_tokenizer(trained.tokenizer, out, model_max_length=trained.args.max_seq_len)
-    if trained.args.is_moe:
-        copy_remote_code(out)
+    write_hf_metadata(out, trained.args, trained.tokenizer, dtype)
     if verify:
         check_against_architecture(out, written)
     return out

@@ -183,3 +183,27 @@ def test_expert_parallel_checkpoint_exports_same_tensors(tmp_path):
     assert set(exported["one"]) == set(exported["ep2"])
     for key, tensor in exported["one"].items():
         assert torch.equal(exported["ep2"][key], tensor), key
+
+
+@pytest.mark.slow
+def test_torchtitan_hf_save_and_initial_load_use_the_same_conversion(tmp_path):
+    """--checkpoint.last_save_in_hf writes a folder transformers loads, with the exporter's tensors; a
+    run started from it with --checkpoint.initial_load_in_hf holds the same weights. lr = 0 keeps the
+    weights of every step identical, so step 1 (DCP) and step 2 (HF) can be compared."""
+    common = ["--optimizer.lr", "0", "--checkpoint.enable", "--checkpoint.interval", "1"]
+    run_training("debug_topk.toml", tmp_path / "a", *common, "--training.steps", "2",
+                 "--checkpoint.last_save_model_only", "--checkpoint.last_save_in_hf")
+    saved_hf = tmp_path / "a" / "checkpoint" / "step-2"
+    exported = _hf_tensors(export(load_trained_model(tmp_path / "a" / "checkpoint", step=1), tmp_path / "hf_a"))
+    by_torchtitan = _hf_tensors(saved_hf)
+    assert set(by_torchtitan) == set(exported)
+    assert all(torch.equal(by_torchtitan[k], exported[k]) for k in exported)
+    model = _load_hf(saved_hf)  # config.json, tokenizer and remote code were added beside the weights
+    assert type(model).__name__ == "ReMoEForCausalLM"
+    assert transformers.AutoTokenizer.from_pretrained(str(saved_hf)).eos_token_id == load_tokenizer("builtin").eos_id
+
+    run_training("debug_topk.toml", tmp_path / "b", *common, "--training.steps", "1",
+                 "--checkpoint.initial_load_path", str(saved_hf), "--checkpoint.initial_load_in_hf",
+                 "--checkpoint.initial_load_model_only")
+    started = _hf_tensors(export(load_trained_model(tmp_path / "b" / "checkpoint"), tmp_path / "hf_b"))
+    assert all(torch.equal(started[k], exported[k]) for k in exported)

@@ -5,6 +5,7 @@ remote code shipped beside the weights (configuration_remoe.py / modeling_remoe.
 Both write `rope_theta` (transformers 4.x) and `rope_parameters` (5.x) so either version reads them.
 """
 
+import json
 import shutil
 from pathlib import Path
 
@@ -69,3 +70,33 @@ def generation_config_dict(tokenizer: TiktokenTokenizer) -> dict:
 def copy_remote_code(out: Path) -> None:
     for name in REMOTE_CODE:
         shutil.copyfile(_HERE / name, out / name)
+
+
+def write_hf_metadata(out: Path, args: ReMoEModelArgs, tokenizer: TiktokenTokenizer, dtype: str) -> None:
+    """Everything of an HF model folder except the weights: configs, tokenizer files, remote code."""
+    from remoe_recipe.hf.tokenizer import save_hf_tokenizer
+
+    (out / "config.json").write_text(json.dumps(hf_config_dict(args, tokenizer, dtype), indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(generation_config_dict(tokenizer), indent=2) + "\n")
+    save_hf_tokenizer(tokenizer, out, model_max_length=args.max_seq_len)
+    if args.is_moe:
+        copy_remote_code(out)
+
+
+def complete_last_hf_save(job_config, model_args: ReMoEModelArgs, step: int) -> Path | None:
+    """After torchtitan's `--checkpoint.last_save_in_hf` wrote the weights into checkpoint/step-N, add
+    the rest of the folder so transformers loads it as the exporter's output. Returns the folder."""
+    out = Path(job_config.job.dump_folder) / job_config.checkpoint.folder / f"step-{step}"
+    if not (out / "model.safetensors.index.json").is_file():
+        return None
+    from torchtitan.tools.logging import logger
+
+    from remoe_recipe.data.tokenizer import build_tiktoken_tokenizer
+
+    try:
+        write_hf_metadata(out, model_args, build_tiktoken_tokenizer(job_config), job_config.checkpoint.export_dtype)
+    except ImportError as e:
+        logger.warning(f"{out}: weights only ({e}); pip install -e \".[eval]\" or run python -m remoe_recipe.export")
+        return None
+    logger.info(f"{out}: a Hugging Face folder (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
+    return out
