@@ -34,7 +34,6 @@ from remoe_recipe.config import ConfigError
 from remoe_recipe.data.sources import DataError
 from remoe_recipe.finiteness import NonFiniteError, describe_non_finite, first_non_finite_state, step_values
 from remoe_recipe.hf.hf_config import complete_last_hf_save
-from remoe_recipe.hf.hf_config import complete_last_hf_save
 from remoe_recipe.infra.checkpoint_layout import (
     CheckpointError, check_resume, checkpoint_to_resume, first_line, other_steps_hint,
 )
@@ -356,9 +355,6 @@ def main(argv: list[str] | None = None) -> None:
             for sig in STOP_SIGNALS:
                 signal.signal(sig, lambda signum, _frame: setattr(trainer, "signal_received", signum))
             trainer.train()
-            if config.checkpoint.enable and config.checkpoint.last_save_in_hf and int(os.environ["RANK"]) == 0:
-                # torchtitan writes the weights only; config, tokenizer and remote code complete the folder
-                complete_last_hf_save(config, trainer.model_args, trainer.step)
             if config.checkpoint.enable and config.checkpoint.last_save_in_hf and int(os.environ["RANK"]) == 0:
                 # torchtitan writes the weights only; config, tokenizer and remote code complete the folder
                 complete_last_hf_save(config, trainer.model_args, trainer.step)
