@@ -87,6 +87,13 @@ class MetricsExtras:
     """The share of a layer's experts that may be dead (below 10 % of their fair share of tokens in a step)
     before the routing alert counts the step."""
 
+    log_all_ranks: bool = False
+    """false: only rank 0 logs (the other ranks log errors only). true: every rank logs everything."""
+
+    cpu_peak_flops: float = 0.0
+    """Peak FLOP/s of the CPU for MFU on a machine without an accelerator (e.g. cores x GHz x FLOPs per cycle);
+    0: MFU is not reported on CPU (logged as nan). torchtitan would otherwise divide by an A100's peak."""
+
 
 @dataclass
 class JobConfig:

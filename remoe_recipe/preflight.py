@@ -79,6 +79,11 @@ def check_run_length(config) -> None:
     steps = config.training.steps
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ConfigError(f"training.steps = {steps!r}: expected an integer >= 1")
+    # The model's rotary table is built for training.seq_len; longer validation samples fail an assert.
+    if config.validation.enable and config.validation.seq_len > config.training.seq_len:
+        raise ConfigError(
+            f"validation.seq_len = {config.validation.seq_len}: expected <= training.seq_len ({config.training.seq_len})"
+        )
 
 
 def check_routing_alerts(config) -> None:

@@ -39,10 +39,12 @@ from remoe_recipe.infra.checkpoint_layout import (
 )
 from remoe_recipe.load_checkpoint import RUN_CONFIG_FILE
 from remoe_recipe.metrics import RoutingMonitor, tensorboard_writer
-from remoe_recipe.platform import enable_cpu_training
-from remoe_recipe.preflight import load_config
+from remoe_recipe.infra.layout import check_layout
+from remoe_recipe.platform import enable_cpu_training, has_accelerator
+from remoe_recipe.preflight import config_file, load_config
 from remoe_recipe.router_loss import RouterLossWrapper
 from remoe_recipe.routing_health import RoutingHealth
+from remoe_recipe.run_log import Progress, describe_run, quiet_known_noise, rank_zero_only, save_config_toml
 from remoe_recipe.run_folder import RunLock, check_writable
 from remoe_recipe.routing_stats import ReducedRoutingStats, StepRoutingStats
 from remoe_recipe.sparsity import L1CoefficientController
@@ -60,6 +62,16 @@ class ReMoETrainer(Trainer):
         self._micro_losses: list[torch.Tensor] = []
         self._grad_norm: torch.Tensor | None = None
         super().__init__(job_config)
+        self.progress = Progress(job_config.training.steps)
+        self.validated_step = 0
+        if not has_accelerator():
+            # torchtitan divides by an A100's peak on CPU; use the stated CPU peak, or report no MFU.
+            peak = job_config.metrics.cpu_peak_flops
+            self.metrics_processor.gpu_peak_flops = peak if peak > 0 else float("nan")
+            logger.info(
+                f"MFU on CPU: against metrics.cpu_peak_flops = {peak:.3e}" if peak > 0
+                else "MFU on CPU: not reported (nan); set metrics.cpu_peak_flops to the CPU's peak FLOP/s"
+            )
         args = self.model_args
         seq_len = job_config.training.seq_len
         logger.info(
@@ -188,18 +200,22 @@ class ReMoETrainer(Trainer):
         self._micro_losses, self._grad_norm = [], None
         with self._recording_grad_norm():
             super().train_step(data_iterator)
-        if self.pending_routing_log is not None:
-            self._log_routing(*self.pending_routing_log)
-            self.pending_routing_log = None
+        if self.metrics_processor.should_log(self.step):
+            progress = self.progress(self.step)
+            if self.pending_routing_log is not None:
+                self._log_routing(*self.pending_routing_log, progress=progress)
+                self.pending_routing_log = None
+            else:
+                logger.info(progress)
 
-    def _log_routing(self, scalars: dict[str, float], load_image) -> None:
+    def _log_routing(self, scalars: dict[str, float], load_image, progress: str) -> None:
         scalars.update(self.routing_health.scalars())
         self.metrics_processor.logger.log(scalars, self.step)
         writer = tensorboard_writer(self.metrics_processor.logger)
         if writer is not None:
             writer.add_image("moe/expert_load", load_image, self.step, dataformats="HWC")
         shown = [k for k in scalars if not k.startswith("moe_layers/") and k != "moe/sparsity"]
-        logger.info(f"step: {self.step:2}  " + "  ".join(f"{k}: {scalars[k]:.4g}" for k in shown))
+        logger.info(f"{progress}  " + "  ".join(f"{k}: {scalars[k]:.4g}" for k in shown))
 
     def should_continue_training(self) -> bool:
         """Called before each step, after the previous step's save and validation."""
@@ -207,7 +223,12 @@ class ReMoETrainer(Trainer):
             self.interrupted = True
             self._save_interrupted_step()
             return False
-        return super().should_continue_training()
+        more = super().should_continue_training()
+        if not more and self.step > 0 and self.job_config.validation.enable:
+            if not self.validator.should_validate(self.step):  # else torchtitan validated this step
+                logger.info(f"Final validation at step {self.step}")
+                self.validator.validate(self.model_parts, self.step)
+        return more
 
     def _save_interrupted_step(self) -> None:
         name = signal.Signals(self.stop_signal).name
@@ -252,6 +273,19 @@ class ReMoETrainer(Trainer):
         if self.l1_controller is not None:
             self.l1_controller.load_state_dict(state_dict)
 
+    def _warn_changed_lr(self) -> None:
+        """torchtitan restores the optimizer's and the schedule's state, so a changed optimizer.lr has no effect."""
+        wanted = self.job_config.optimizer.lr
+        saved = {
+            group.get("initial_lr", group["lr"])
+            for opt in self.optimizers.optimizers for group in opt.param_groups
+        }
+        if any(abs(lr - wanted) > 1e-12 * max(abs(wanted), 1e-30) for lr in saved):
+            logger.warning(
+                f"optimizer.lr = {wanted:g} differs from the checkpoint's {sorted(saved)[0]:g}; the checkpoint's "
+                "learning-rate schedule is restored and continues (torchtitan loads optimizer and lr_scheduler state)"
+            )
+
     def _load_checkpoint(self, step: int = -1) -> bool:
         """torchtitan's CheckpointManager.load, with the recipe's checks before and after it: every
         failure is one line naming the step folder and the option that helps."""
@@ -273,6 +307,7 @@ class ReMoETrainer(Trainer):
                 f"it may be corrupt: {other_steps_hint(where)}"
             ) from None
         if loaded:
+            self._warn_changed_lr()
             bad = first_non_finite_state(
                 {name: self.checkpointer.states[name].state_dict() for name in ("model", "optimizer")}
             )
@@ -332,14 +367,22 @@ def _take_run_folder(config) -> RunLock | None:
 
 def main(argv: list[str] | None = None) -> None:
     init_logger()
+    quiet_known_noise(logger)
     argv = sys.argv[1:] if argv is None else argv
     lock: RunLock | None = None
     try:
         config = load_config(argv)
+        rank_zero_only(logger, config)
         lock = _take_run_folder(config)
     except (ConfigError, FileNotFoundError) as e:
         logger.error(f"config error: {e}")
         raise SystemExit(2) from None
+    config_toml = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        layout = check_layout(config, int(os.environ.get("WORLD_SIZE", "1"))).describe()
+        for line in describe_run(config, config_file(argv), layout):
+            logger.info(line)
+        config_toml = save_config_toml(config)
     if config.job.save_config_file is None:
         # RUN/job_config.json: export, evaluate and generate read the model's shape from it.
         config.job.save_config_file = RUN_CONFIG_FILE
@@ -347,6 +390,9 @@ def main(argv: list[str] | None = None) -> None:
     trainer: ReMoETrainer | None = None
     try:
         trainer = ReMoETrainer(config)
+        writer = tensorboard_writer(trainer.metrics_processor.logger)
+        if writer is not None and config_toml is not None:
+            writer.add_text("config", f"```toml\n{config_toml}\n```", 0)
         if config.checkpoint.create_seed_checkpoint:
             if int(os.environ["WORLD_SIZE"]) != 1 or not config.checkpoint.enable:
                 raise ConfigError("checkpoint.create_seed_checkpoint needs one process and checkpoint.enable")

@@ -69,7 +69,7 @@ def _tensor_value(value) -> float | None:
     if not value.HasField("tensor"):
         return None
     array = tensor_util.make_ndarray(value.tensor)
-    return float(array) if array.size == 1 else None
+    return float(array) if array.size == 1 and array.dtype.kind in "fiub" else None  # not text summaries
 
 
 def image_tags(log_dir: Path) -> set[str]:

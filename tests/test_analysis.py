@@ -45,18 +45,19 @@ def test_analyse_counts_on_a_fixed_routing():
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     dump = tmp_path_factory.mktemp("tiny")
+    # 4 experts per layer on the command line: not what debug_remoe.toml says (8).
     run_training(
         "debug_remoe.toml", dump, "--training.steps", "6", "--checkpoint.enable",
-        "--checkpoint.interval", "6", "--moe.l1_coeff_init", "1e-3",
+        "--checkpoint.interval", "6", "--moe.l1_coeff_init", "1e-3", "--moe.num_experts", "4",
     )
     return dump
 
 
 def test_routing_report_from_a_trained_checkpoint(tiny_checkpoint, tmp_path):
+    """No --config: the analysis reads the run's saved config.toml, overrides included."""
     out = tmp_path / "routing"
     routing.main([
-        "--config", "train_configs/debug_remoe.toml", "--checkpoint",
-        str(tiny_checkpoint / "checkpoint" / "step-6"), "--out", str(out), "--max-tokens", "3000",
+        "--checkpoint", str(tiny_checkpoint / "checkpoint" / "step-6"), "--out", str(out), "--max-tokens", "3000",
     ])
     for name in ("dynamic_allocation.png", "domain_specialization.png", "active_experts_by_layer.png"):
         data = (out / name).read_bytes()

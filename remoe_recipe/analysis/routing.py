@@ -25,6 +25,7 @@ from remoe_recipe.data.shards import is_shard_dir
 from remoe_recipe.model import ReMoETransformer
 from remoe_recipe.model.args import remoe_flavors
 from remoe_recipe.preflight import load_config
+from remoe_recipe.run_log import CONFIG_TOML
 
 
 class RoutingRecorder:
@@ -221,15 +222,33 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "\\n").replace("`", "'")
 
 
+def saved_run_config(checkpoint: str | None) -> str:
+    """<run>/config.toml for a checkpoint <run>/<checkpoint.folder>/step-N (written by remoe_recipe.train)."""
+    if not checkpoint:
+        raise SystemExit("--config is needed without --checkpoint")
+    path = Path(checkpoint).resolve().parent.parent / CONFIG_TOML
+    if not path.is_file():
+        raise SystemExit(
+            f"--checkpoint {checkpoint}: no {path} (the trainer saves the run's resolved config there); "
+            "pass the run's TOML with --config and its command-line overrides after --"
+        )
+    return str(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="the run's TOML (model, [moe], tokenizer, datasets)")
+    p.add_argument(
+        "--config", help="the run's TOML (model, [moe], tokenizer, datasets); default: the config.toml the trainer "
+        "saved in the checkpoint's run folder, which includes the run's command-line overrides",
+    )
     p.add_argument("--checkpoint", help="a checkpoint step folder, e.g. outputs/run/checkpoint/step-300")
     p.add_argument("--out", required=True, help="folder for the figures and report.md")
     p.add_argument("--split", choices=("validation", "train"), default="validation")
     p.add_argument("--max-tokens", type=int, default=50_000)
     p.add_argument("overrides", nargs="*", help="extra --section.key value overrides, after --")
     a = p.parse_args(argv)
+    if a.config is None:
+        a.config = saved_run_config(a.checkpoint)
     config = load_config(["--job.config_file", a.config, *a.overrides])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = build_tiktoken_tokenizer(config)

@@ -1,0 +1,93 @@
+"""What a run tells its user: who logs, what the first lines say, progress with an ETA, the saved config.
+
+- Rank 0 logs; the other ranks log errors only, unless `[metrics] log_all_ranks = true`.
+- The first lines name the config file, dump folder, training/validation data, tokenizer and parallel layout.
+- The resolved configuration (defaults < TOML < command line) is saved as `<dump_folder>/config.toml`
+  (a complete TOML: `--job.config_file <dump_folder>/config.toml` repeats the run) and as TensorBoard text.
+- Messages torchtitan emits that do not apply to this recipe are dropped (KNOWN_NOISE): the recipe reads
+  its tokenizer from `model.tokenizer_path` and no Hugging Face assets, and on CPU there is no GPU peak.
+"""
+
+import datetime
+import logging
+import os
+import time
+import warnings
+
+from remoe_recipe.show_config import format_resolved
+
+CONFIG_TOML = "config.toml"
+KNOWN_NOISE = (
+    "HF assets path ",  # model.hf_assets_path: the recipe has no Hugging Face assets
+    "tokenizer_path is deprecated",  # torchtitan's; the recipe's tokenizer key is model.tokenizer_path
+    "model.safetensors.index.json not found at hf_assets_path",
+    "Error running lspci",  # the GPU-peak lookup on machines without lspci (CPU)
+    "Peak flops undefined for: cpu",
+)
+
+
+class _DropKnownNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(prefix) for prefix in KNOWN_NOISE)
+
+
+def quiet_known_noise(logger: logging.Logger) -> None:
+    logger.addFilter(_DropKnownNoise())
+    # Python warnings torchtitan triggers on every CPU run (fp32 autocast) and torchdata on import.
+    warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
+
+def rank_zero_only(logger: logging.Logger, config) -> None:
+    if int(os.environ.get("RANK", "0")) != 0 and not config.metrics.log_all_ranks:
+        logger.setLevel(logging.ERROR)
+
+
+def describe_run(config, config_file: str | None, layout: str) -> list[str]:
+    from remoe_recipe.data.config import data_config
+
+    data = data_config(config)
+    training = f"mix {data.mix}" if data.mix else (config.training.dataset_path or config.training.dataset)
+    validation = (
+        (config.validation.dataset_path or config.validation.dataset) if config.validation.enable else "off"
+    )
+    tokenizer = getattr(config.model, "tokenizer_path", None) or "builtin"
+    return [
+        f"Run: config {config_file}, dump folder {config.job.dump_folder}, {config.training.steps} steps",
+        f"Data: training {training!r}, validation {validation!r}, tokenizer {tokenizer!r}, "
+        f"sequence length {config.training.seq_len}",
+        f"Parallel layout: {layout}",
+    ]
+
+
+def save_config_toml(config) -> str:
+    """Write the resolved config into the dump folder; returns the TOML text."""
+    text = format_resolved(config)
+    os.makedirs(config.job.dump_folder, exist_ok=True)
+    path = os.path.join(config.job.dump_folder, CONFIG_TOML)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return text
+
+
+class Progress:
+    """'step N/total (p %), ETA h:mm:ss' from the wall time since the first step of this process
+    (the first step, with compilation and warm-up, is not counted in the rate)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.first: tuple[int, float] | None = None
+
+    def __call__(self, step: int) -> str:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = (step, now)
+        text = f"step {step}/{self.total} ({100 * step / self.total:.0f} %)"
+        done = step - self.first[0]
+        if done > 0:
+            eta = (now - self.first[1]) / done * (self.total - step)
+            text += f", ETA {datetime.timedelta(seconds=round(eta))}"
+        return text
