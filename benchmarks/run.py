@@ -5,7 +5,8 @@
     python -m benchmarks.run --only train_step moe_layer --out results.json
 
 Sections: train_step (ReMoE vs TopK vs dense step in stage III), moe_layer (one MoE layer vs a dense FFN of
-equal active FLOPs, with a forward breakdown), dense_start (ReMoE's stages I+II cost), quality (validation
+equal active FLOPs, with a forward breakdown), layer_vs_torchtitan (the recipe's TopK layer vs torchtitan's
+MoE layer with the same weights; the MoE layer vs a dense FFN at 4096 tokens on one thread), dense_start (ReMoE's stages I+II cost), quality (validation
 loss over seeds). Data-pipeline throughput has its own script: `python -m benchmarks.data_throughput`.
 """
 
@@ -17,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import moe_layer, train_step, training_runs
+from benchmarks import layer_vs_torchtitan, moe_layer, train_step, training_runs
 from benchmarks.common import pick_device
 
 SECTIONS = {
     "train_step": lambda device, quick: train_step.run(device, quick),
     "moe_layer": lambda device, quick: moe_layer.run(device, quick),
+    "layer_vs_torchtitan": lambda device, quick: layer_vs_torchtitan.run(device, quick),
     "dense_start": lambda device, quick: training_runs.dense_start(quick),
     "quality": lambda device, quick: training_runs.quality(quick),
 }

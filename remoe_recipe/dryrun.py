@@ -98,12 +98,15 @@ def chunk_pairs(size: int, tokens: int, active_per_token: float, top_k: int) -> 
     return size if 0 < size < pairs else 0
 
 
-def activation_bytes(args, job_config, active_per_token: float, ac_mode: str, pair_chunk_size=None) -> float:
+def activation_bytes(
+    args, job_config, active_per_token: float, ac_mode: str, pair_chunk_size=None, expert_parallel=False
+) -> float:
     """Activations one micro-batch keeps for backward on one rank (balanced routing assumed), plus the
     largest transient of backward. Per token and layer: attention (~8 dim + 2 kv widths), router gates
     (fp32) and per active pair `pair_bytes`, or only its indices when the pairs run in chunks that are
-    recomputed in backward (then one chunk's activations and gradients are the transient). Plus the
-    output logits in fp32 with their grad."""
+    recomputed in backward (then one chunk's activations and gradients are the transient). Under expert
+    parallelism the layer does not chunk; it recomputes the SwiGLU (a pair keeps its input and fp32
+    output; one layer's SwiGLU is the transient). Plus the output logits in fp32 with their grad."""
     b = TORCH_DTYPE_MAP[job_config.training.mixed_precision_param].itemsize
     tokens = job_config.training.local_batch_size * job_config.training.seq_len
     kv = args.n_kv_heads * args.head_dim
@@ -113,6 +116,9 @@ def activation_bytes(args, job_config, active_per_token: float, ac_mode: str, pa
         chunk = chunk_pairs(size, tokens, active_per_token, args.routed_top_k)
         per_pair = 16 if chunk else pair_bytes(args, b)
         transient = 2 * chunk * pair_bytes(args, b)
+        if chunk and expert_parallel:
+            per_pair = pair_bytes(args, b) - 4 * args.expert_dim * b
+            transient = 0 if ac_mode == "full" else tokens * active_per_token * 4 * args.expert_dim * b
         ffn = 2 * args.num_routed_experts * 4 + active_per_token * per_pair
     else:
         ffn = (2 * args.dim + 3 * args.dense_ffn_dim) * b
@@ -187,7 +193,8 @@ def report(job_config, layout, parallel_dims, args, params: RankParams, notes: l
         f"{gathered / GiB:.2f} GiB FSDP gathered blocks ({t.mixed_precision_param})",
     ]
     fixed = states + gathered
-    act = activation_bytes(args, job_config, args.routed_top_k, ac)
+    ep = layout.ep > 1
+    act = activation_bytes(args, job_config, args.routed_top_k, ac, expert_parallel=ep)
     stage = "stage III, " if job_config.moe.router == "relu" else ""
     text = f"  activations per micro-batch (AC {ac}): {act / GiB:.2f} GiB"
     if args.is_moe:
@@ -199,12 +206,14 @@ def report(job_config, layout, parallel_dims, args, params: RankParams, notes: l
     )
     if job_config.moe.router == "relu":  # ReLU gates start about half open: the peak is early
         dense = args.num_routed_experts / 2
-        act_dense = activation_bytes(args, job_config, dense, ac)
+        act_dense = activation_bytes(args, job_config, dense, ac, expert_parallel=ep)
         unbounded = activation_bytes(args, job_config, dense, ac, pair_chunk_size=0)
         tokens = t.local_batch_size * t.seq_len
         chunk = chunk_pairs(job_config.moe.pair_chunk_size, tokens, dense, args.routed_top_k)
         how = (f"pairs in chunks of {chunk:,} (moe.pair_chunk_size = {job_config.moe.pair_chunk_size})"
                if chunk else "pairs not chunked (moe.pair_chunk_size)")
+        if chunk and ep:
+            how = "experts' SwiGLU recomputed in backward (moe.pair_chunk_size; expert parallelism does not chunk)"
         lines.append(
             f"  peak estimate in stage I (dense start, ~{dense:g} experts/token): {(fixed + act_dense) / GiB:.2f} GiB, "
             f"{how}" + (f"; {(fixed + unbounded) / GiB:.2f} GiB with moe.pair_chunk_size = 0" if chunk else "")

@@ -428,9 +428,10 @@ def test_syncs_under_expert_parallelism(ep_mesh, cpu_permute_twin):
     assert relu_fwd == ["aten._local_scalar_dense.default"] + reference and relu_bwd == []
 
 
-def test_dense_start_chunks_under_expert_parallelism(ep_mesh, cpu_permute_twin):
-    """Under EP each chunk is one exchange; its recompute repeats the exchange in backward (the dense
-    start's price for bounded memory): same output and gradients, less kept."""
+def test_dense_start_under_expert_parallelism_recomputes_the_experts(ep_mesh, cpu_permute_twin):
+    """Under EP the layer does not chunk: ranks with different pair counts would run different numbers
+    of exchanges. It exchanges once and recomputes the local SwiGLU in backward: same output and
+    gradients, less kept, no host sync in backward."""
     from tests.test_model import close
 
     results = {}
@@ -439,18 +440,22 @@ def test_dense_start_chunks_under_expert_parallelism(ep_mesh, cpu_permute_twin):
         r = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
         counter = SyncCounter()
         cpu_permute_twin(counter)
-        y, saved = _saved_bytes(lambda: layer(x))
+        with counter:
+            y, saved = _saved_bytes(lambda: layer(x))
+        forward_events = list(counter.events)
+        counter.events.clear()
         with counter:
             (y * r).sum().backward()
         grads = [x.grad] + [getattr(p.grad, "full_tensor", lambda g=p.grad: g)() for p in layer.parameters()]
-        results[size] = (y.detach(), saved, counter.events, grads, layer.last_num_chunks)
-    (y0, saved0, events0, g0, chunks0), (y1, saved1, events1, g1, chunks1) = results[0], results[-1]
+        results[size] = (y.detach(), saved, forward_events, counter.events, grads, layer.last_num_chunks)
+    (y0, saved0, fwd0, bwd0, g0, chunks0), (y1, saved1, fwd1, bwd1, g1, chunks1) = results[0], results[-1]
     close(y1, y0)
     for a, b in zip(g1, g0):
         close(a, b)
-    assert saved1 < saved0 / 3
-    assert chunks0 == 1 and events0 == []
-    assert chunks1 == N and len(events1) == chunks1 * len(["tolist", "tolist"])  # one exchange per chunk
+    assert saved1 < saved0 / 2
+    assert chunks0 == chunks1 == 1
+    assert fwd1 == fwd0  # one pair count and one exchange, as without the option
+    assert bwd0 == bwd1 == []
 
 
 @pytest.mark.parametrize("value", [-2, 1.5, True, "auto"])
@@ -461,3 +466,22 @@ def test_validate_rejects_pair_chunk_size(value):
         validate_moe(MoEConfig(pair_chunk_size=value))
     for ok in (-1, 0, 4096):
         validate_moe(MoEConfig(pair_chunk_size=ok))
+
+
+def test_experts_run_in_the_autocast_dtype():
+    """A one-GPU run trains fp32 weights under bf16 autocast (torchtitan without FSDP): the grouped
+    GEMMs must run in bf16, as torchtitan's grouped path does, not in the residual stream's fp32."""
+    layer = _recipe_layer("topk", align_rows=None)
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith("aten._grouped_mm"):
+                seen.append((args[0].dtype, args[1].dtype))
+            return func(*args, **(kwargs or {}))
+
+    x = _input()
+    with torch.autocast("cpu", dtype=torch.bfloat16), Record():
+        y = layer(x)
+    assert seen and all(d == (torch.bfloat16, torch.bfloat16) for d in seen)
+    assert y.dtype == torch.float32  # the layer returns the residual stream's dtype

@@ -17,6 +17,7 @@ reproducible) on CPU, and the deterministic sort-based kernel on CUDA under
 `torch.use_deterministic_algorithms(True)` (torchtitan's `--debug.deterministic`).
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,9 @@ class Experts(GroupedExperts):
     grouped_swiglu = staticmethod(_grouped_swiglu)
     # Group row alignment; None: by device (`group_alignment`). Tests set 8 to run the CUDA layout on CPU.
     align_rows: int | None = None
+    # Set by the MoE layer around a call: recompute the SwiGLU in backward instead of keeping its
+    # activations (ReMoE's dense start under expert parallelism, where the layer does not chunk).
+    recompute: bool = False
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         if isinstance(self.w1, DTensor):
@@ -108,7 +112,13 @@ class Experts(GroupedExperts):
         else:
             w1, w2, w3 = self.w1, self.w2, self.w3
             expert_parallel = False
+        if torch.is_autocast_enabled(x.device.type):
+            # torch._grouped_mm is not on autocast's lists: run it in the autocast dtype (bf16 on a GPU)
+            # rather than in the fp32 of the residual stream.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         swiglu = self.grouped_swiglu if self.use_grouped_mm else _looped_swiglu
+        if self.recompute:
+            swiglu = functools.partial(checkpoint, swiglu, use_reentrant=False)
         alignment = self.align_rows or group_alignment(x.device)
         if not self.use_grouped_mm or expert_parallel or alignment == 1:
             return swiglu(w1, w2, w3, x, num_tokens_per_expert)  # EP's dispatch has aligned the groups
@@ -185,6 +195,10 @@ class MoE(nn.Module):
         self._forward_pairs = pairs
         return pairs
 
+    def _expert_parallel(self) -> bool:
+        w = self.experts.w1
+        return isinstance(w, DTensor) and "ep" in (w.device_mesh.mesh_dim_names or ())
+
     def _weighted_outputs(self, x, gates, token_idx, expert_idx, counts) -> torch.Tensor:
         """[pairs, D] fp32: each pair's expert output times its gate."""
         routed_out = self.experts(x.index_select(0, token_idx), counts)
@@ -209,6 +223,17 @@ class MoE(nn.Module):
             out.index_add_(0, token_idx, self._weighted_outputs(x, routing.gates, token_idx, expert_idx,
                                                                 tokens_per_expert))
             self.last_num_chunks = 1
+        elif self._expert_parallel():
+            # Every chunk would be one exchange, and ranks with different pair counts would run
+            # different numbers of them (a collective mismatch): exchange once, and recompute only
+            # the local experts' SwiGLU in backward.
+            self.experts.recompute = True
+            try:
+                out.index_add_(0, token_idx, self._weighted_outputs(x, routing.gates, token_idx, expert_idx,
+                                                                    tokens_per_expert))
+            finally:
+                self.experts.recompute = False
+            self.last_num_chunks = 1
         else:
             out = self._chunked(out, x, routing.gates, token_idx, expert_idx, tokens_per_expert, limit)
         if not in_recompute():
@@ -223,9 +248,7 @@ class MoE(nn.Module):
         """Bounded memory for ReMoE's dense start: the pairs go through the experts `limit` at a time,
         and each chunk is recomputed in backward rather than keeping its activations, so the memory
         a layer holds is its input and gates (not per-pair activations), and the recompute's peak is
-        one chunk's. The fp32 sums run in the same order as the unchunked index_add_. Under expert
-        parallelism each chunk is one exchange, repeated in backward by the recompute (with its host
-        sync): the dense start's price for bounded memory; stage III is not chunked."""
+        one chunk's. The fp32 sums run in the same order as the unchunked index_add_."""
         ends = torch.cumsum(tokens_per_expert, 0)
         starts = ends - tokens_per_expert
         num_pairs = token_idx.shape[0]
