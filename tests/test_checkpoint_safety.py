@@ -95,12 +95,14 @@ def test_silently_corrupted_optimizer_state_is_caught_on_load(saved_run, tmp_pat
         f.write(b"\xff" * (256 * 1024))
     assert struct.unpack("f", b"\xff" * 4)[0] != struct.unpack("f", b"\xff" * 4)[0]  # NaN
     before = _digests(dump / "checkpoint")
+    # (Also a changed learning rate, to see the resume warn that the checkpoint's schedule wins.)
     proc = run_training(
         "debug_remoe.toml", dump, "--training.steps", "6", "--checkpoint.enable", "--checkpoint.interval", "2",
-        "--moe.l1_coeff_init", "1e-2", check=False,
+        "--moe.l1_coeff_init", "1e-2", "--optimizer.lr", "1e-3", check=False,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
+    assert "optimizer.lr = 0.001 differs from the checkpoint's 0.002" in out
     [error] = [line for line in out.splitlines() if " - ERROR - " in line]
     assert str(step4) in error and "layers.1.moe.experts.w1" in error and "exp_avg_sq" in error
     assert "NaN/inf" in error and "--checkpoint.load_step N (saved: 2)" in error
