@@ -37,6 +37,14 @@ class Data:
     "WEIGHT SOURCE", SOURCE being a path (file, folder, glob, shard folder), a built-in name or a
     Hugging Face name (prefix "hf:" to force). E.g. ["2 ./shards/pile", "1 hf:allenai/c4"]."""
 
+    shuffle_window: int = 0
+    """Training documents: 0 = in source order; N = shuffled within consecutive windows of N documents, in
+    a new order every epoch, seeded by data.shuffle_seed. Resuming replays exactly the same order (the
+    position is the document index in the shuffled order). N documents are held in memory."""
+
+    shuffle_seed: int = 0
+    """Seed of the document shuffle (data.shuffle_window)."""
+
     skip_bad_records: bool = False
     """Local jsonl/txt files: skip a line that is not UTF-8, not JSON, or has no text field (each skip
     is logged with a running count) instead of stopping the run at it (default: stop, naming file and line)."""

@@ -1,5 +1,6 @@
 """Packed next-token samples from a document source, sharded over ranks, exactly resumable."""
 
+from itertools import islice
 from typing import Any
 
 import torch
@@ -42,7 +43,11 @@ class PackedTextDataset(IterableDataset, Stateful):
     carry over to the next document and, when `infinite`, to the next epoch; a finite (one
     pass) dataset drops the last < seq_len + 1 tokens and restarts on the next iteration.
 
-    Sharding: document i (in source order) goes to dp rank i % dp_world_size; with dataloader
+    Shuffling (shuffle_window = W > 0): the documents are read in consecutive windows of W and each
+    window is permuted by a generator seeded from (shuffle_seed, epoch, window index), so document i of
+    the shuffled order is known from i alone and a resume re-reads only its window.
+
+    Sharding: document i (in source order, or shuffled order) goes to dp rank i % dp_world_size; with dataloader
     workers, a rank's j-th document goes to worker j % num_workers. Each (rank, worker) packs
     its own stream.
 
@@ -73,7 +78,11 @@ class PackedTextDataset(IterableDataset, Stateful):
         restart_each_iter: bool = False,
         name: str = "dataset",
         vocab_size: int | None = None,
+        shuffle_window: int = 0,
+        shuffle_seed: int = 0,
     ) -> None:
+        if shuffle_window < 0:
+            raise ValueError(f"data.shuffle_window = {shuffle_window}: expected >= 0")
         check_packing(seq_len, dp_rank, dp_world_size)
         if tokenizer.eos_id is None:
             raise ValueError("the tokenizer has no eos_id; documents need an EOS separator")
@@ -87,6 +96,7 @@ class PackedTextDataset(IterableDataset, Stateful):
         self.restart_each_iter = restart_each_iter
         self.name = name
         self.vocab_size = vocab_size or tokenizer.get_vocab_size()
+        self.shuffle_window, self.shuffle_seed = shuffle_window, shuffle_seed
         self._reset_position()
         self._epoch = 0
         self._state_loaded = False
@@ -109,9 +119,9 @@ class PackedTextDataset(IterableDataset, Stateful):
             fresh = self._doc_idx == 0 and not self._buffer
             whole_pass = self._doc_idx == 0
             # The source skips the documents before _doc_idx (read before the resumed state).
-            docs = self.source(start=self._doc_idx)
+            docs = self._documents(self._doc_idx)
             try:
-                for i, doc in enumerate(docs, self._doc_idx):
+                for i, doc in docs:
                     if i % stride != offset:
                         continue
                     self._add_document(doc, i)
@@ -150,6 +160,37 @@ class PackedTextDataset(IterableDataset, Stateful):
                 )
             if not self._short_warned:
                 logger.info(f"{self.name}: dp rank {self.dp_rank} starts epoch {self._epoch}")
+
+    def _documents(self, start: int):
+        """(index, document) from index `start` of this epoch's order (source order, or shuffled)."""
+        window = self.shuffle_window
+        if not window:
+            docs = self.source(start=start)
+            try:
+                yield from enumerate(docs, start)
+            finally:
+                if hasattr(docs, "close"):
+                    docs.close()
+            return
+        block = start // window
+        docs = self.source(start=block * window)
+        try:
+            while True:
+                chunk = list(islice(docs, window))
+                if not chunk:
+                    return
+                seed = ((self.shuffle_seed * 1_000_003 + self._epoch) * 1_000_003 + block) % 2**63
+                g = torch.Generator().manual_seed(seed)
+                order = torch.randperm(len(chunk), generator=g).tolist()
+                for k, j in enumerate(order):
+                    if block * window + k >= start:
+                        yield block * window + k, chunk[j]
+                if len(chunk) < window:
+                    return
+                block += 1
+        finally:
+            if hasattr(docs, "close"):
+                docs.close()
 
     def _add_document(self, doc: dict, index: int) -> None:
         tokens = self.tokenizer.encode(doc["text"], add_bos=False, add_eos=True)

@@ -47,7 +47,8 @@ def build_packed_dataset(
         shards = TokenShards(path, f"{section}.dataset_path", tokenizer=tokenizer, verify=data.verify_shards)
         return PackedShardDataset(shards, name=f"{section} shards {path}", **common)
     label, source = resolve_source(name, path, section, data)
-    return PackedTextDataset(source, tokenizer, name=f"{section} data {label}", **common)
+    shuffle = dict(shuffle_window=data.shuffle_window, shuffle_seed=data.shuffle_seed) if section == "training" else {}
+    return PackedTextDataset(source, tokenizer, name=f"{section} data {label}", **shuffle, **common)
 
 
 def _mixed_dataset(data: Data, tokenizer, seq_len, dp_rank, dp_world_size, return_source):
