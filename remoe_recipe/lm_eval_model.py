@@ -95,7 +95,7 @@ class RecipeLM(TemplateLM):
             prompt = self.tok_encode(context)[-self.max_length:]
             text = ""
             for token in generate_tokens(self.model, prompt, max_new, self.max_length, eos_id=self.eot_token_id,
-                                         device=self.device):
+                                         device=self.device, vocab_size=self.tokenizer_recipe.get_vocab_size()):
                 text += self.tok_decode([token])
                 if any(s in text for s in until):
                     break

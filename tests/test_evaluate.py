@@ -16,6 +16,7 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 import lm_eval.tasks  # noqa: E402
+import lm_eval.utils  # noqa: E402
 
 from remoe_recipe.data.tokenizer import load_tokenizer  # noqa: E402
 from remoe_recipe.evaluate import main as evaluate_main  # noqa: E402
@@ -194,3 +195,35 @@ def test_download_data_writes_the_split_that_is_evaluated(tmp_path):
     evaluate_main(["--download-data", str(tmp_path / "data"), "--tasks", "mini_arc", "--include_path", str(tasks)])
     written = [json.loads(line) for line in (tmp_path / "data" / "mini_arc" / "test.jsonl").read_text().splitlines()]
     assert written == docs
+
+
+def test_rolling_loglikelihood_and_generation_requests(evaluated):
+    """The two other request kinds lm-eval sends (perplexity tasks, generation tasks)."""
+    from lm_eval.api.instance import Instance
+
+    from remoe_recipe.generate import generate_tokens
+    from remoe_recipe.lm_eval_model import RecipeLM
+
+    _, model, tokenizer, _ = evaluated
+    lm = RecipeLM(model, tokenizer, max_length=16, batch_size=3)
+    text = "the king and the queen of the night love the day of war and peace and fire"
+    ids = tokenizer.encode(text)
+    assert len(ids) > 16  # several windows of the 16-token context
+    # lm-eval's own windows, each scored naively: the wrapper's batching and bookkeeping are under test
+    expected = 0.0
+    for context_ids, target_ids in map(lm_eval.utils.make_disjoint_window, lm_eval.utils.get_rolling_token_windows(
+            token_list=ids, prefix_token=tokenizer.eos_id, max_seq_len=16, context_len=1)):
+        whole = context_ids + target_ids
+        assert len(whole) <= 17
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([whole[:-1]]))[0].double(), -1)
+        expected += sum(lp[i - 1, whole[i]].item() for i in range(len(context_ids), len(whole)))
+    rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])[0]
+    assert rolling == pytest.approx(expected, abs=LOGLIK_ATOL * len(ids))
+
+    context = "ROMEO. But soft"
+    greedy = tokenizer.decode(list(generate_tokens(model, tokenizer.encode(context), 6, 16,
+                                                   vocab_size=tokenizer.get_vocab_size())))
+    until = greedy[len(greedy) // 2:][:2] or "\n"
+    out = lm.generate_until([Instance("generate_until", {}, (context, {"until": [until], "max_gen_toks": 6}), 0)])
+    assert out == [greedy.split(until)[0]]

@@ -116,9 +116,11 @@ def test_exported_tokenizer_encodes_like_tiktoken(tmp_path, monkeypatch, which):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
     spec = str(_gpt2_layout_ranks_file(tmp_path / "gpt2.tiktoken")) if which != "builtin" else "builtin"
-    make_run(tmp_path / "run", "dense", "--model.tokenizer_path", spec)
+    router = "dense" if which != "builtin" else "relu"  # a plain folder, and one with remote code
+    make_run(tmp_path / "run", router, "--model.tokenizer_path", spec)
     out = export(load_trained_model(tmp_path / "run" / "checkpoint"), tmp_path / "hf")
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    # transformers 5 reads config.json first: for a remote-code config it asks unless told
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=router != "dense")
     recipe_tok = load_tokenizer(spec)
     rng = random.Random(0)
     corpus = " ".join(TEXTS)

@@ -2,7 +2,8 @@
 
 Dense runs are exactly transformers' LlamaForCausalLM (no remote code). ReLU and TopK runs use the
 remote code shipped beside the weights (configuration_remoe.py / modeling_remoe.py, `auto_map`).
-Both write `rope_theta` (transformers 4.x) and `rope_parameters` (5.x) so either version reads them.
+Both write `rope_theta` (transformers 4.x) and `rope_parameters` (5.x): 4.57 and 5.24 load the same folder
+to the same logits.
 """
 
 import json
