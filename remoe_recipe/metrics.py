@@ -19,7 +19,6 @@ from remoe_recipe.routing_stats import ReducedRoutingStats
 
 DEAD_EXPERT_FRACTION = 0.1
 STAGE2_PENALTY_RATIO = 1e-3
-_LOAD_PIXELS = 8  # each (layer, expert) cell of the load image is an 8 x 8 block
 
 
 class RoutingMonitor:
@@ -53,7 +52,8 @@ class RoutingMonitor:
         self.stage3_step = torch.where((self.stage3_step < 0) & at_target, step_t, self.stage3_step)
 
     def collect(self, stats: ReducedRoutingStats, l1_coeff: torch.Tensor | None):
-        """At a logged step: (scalars, load image [H, W, 3] uint8). Resets the logging window."""
+        """At a logged step: (scalars, relative expert load: L * N floats, layer-major, 1 = the fair share).
+        Resets the logging window. `load_image` draws the relative load for TensorBoard."""
         L, N = self.num_layers, self.num_experts
         load = self.window_load
         fair = load.sum(dim=1, keepdim=True).clamp(min=1) / N
@@ -96,15 +96,30 @@ class RoutingMonitor:
             })
             if stage3 >= 0:
                 scalars["remoe/settling_step"] = stage3
-        return scalars, load_image(rel, L, N)
+        return scalars, rel
 
 
 def load_image(relative_load: list[float], num_layers: int, num_experts: int):
-    """Layers as rows, experts as columns: white = idle, black = 2x the fair share or more."""
-    cells = torch.tensor(relative_load, dtype=torch.float32).view(num_layers, num_experts)
-    shade = (255 * (1 - (cells / 2).clamp(0, 1))).to(torch.uint8)
-    image = shade.repeat_interleave(_LOAD_PIXELS, 0).repeat_interleave(_LOAD_PIXELS, 1)
-    return image.unsqueeze(-1).expand(-1, -1, 3).contiguous().numpy()
+    """The expert-load heat map for TensorBoard, [H, W, 3] uint8: layers as rows, experts as columns, each
+    cell the expert's (token, expert) pairs over the logging window relative to the fair share (1 =
+    balanced, 0 = idle), with labelled axes and a colour bar (clipped at 2x the fair share)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cells = torch.tensor(relative_load, dtype=torch.float32).view(num_layers, num_experts).numpy()
+    fig = Figure(figsize=(min(2.5 + 0.3 * num_experts, 12), min(1.6 + 0.3 * num_layers, 8)), dpi=80)
+    ax = fig.add_subplot()
+    image = ax.imshow(cells, cmap="viridis", vmin=0, vmax=2, aspect="auto", interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(0, num_experts, max(1, num_experts // 16)))
+    ax.set_yticks(range(num_layers))
+    fig.colorbar(image, ax=ax, label="load / fair share")
+    fig.tight_layout()
+    canvas = FigureCanvasAgg(fig)  # off-screen, whatever matplotlib backend the process uses
+    canvas.draw()
+    return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])
 
 
 def tensorboard_writer(metric_logger):

@@ -91,3 +91,43 @@ def test_runs_figure_has_every_panel(tiny_checkpoint, tmp_path):
     assert drawn["validation loss"] == 0  # validation is off in these short runs
     with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
         runs.read_run(tmp_path / "nothing")
+
+
+def test_runs_with_the_same_folder_name_are_kept_apart(tmp_path):
+    dirs = [tmp_path / "a" / "run", tmp_path / "b" / "run", tmp_path / "c"]
+    assert runs.run_names(dirs) == ["a/run", "b/run", f"{tmp_path.name}/c"]
+    assert runs.run_names([tmp_path / "x", tmp_path / "y"]) == ["x", "y"]
+    with pytest.raises(SystemExit, match="the same run folder is given twice"):
+        runs.run_names([tmp_path / "x", tmp_path / "x"])
+
+
+def test_single_validation_points_and_layer_lines_are_drawn(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scalars = {
+        "validation_metrics/loss": {10: 5.0},
+        "moe_layers/sparsity/layer_0": {1: 0.5, 2: 0.6},
+        "moe_layers/sparsity/layer_1": {1: 0.4, 2: 0.7},
+    }
+    captured = {}
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        captured["fig"] = fig
+        return real_savefig(fig, *args, **kwargs)
+
+    plt.Figure.savefig = keep
+    try:
+        drawn = runs.plot_runs({"a/run": scalars, "b/run": scalars}, tmp_path / "r.png")
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert drawn["validation loss"] == 2 and drawn["per-layer sparsity"] == 4
+    axes = {ax.get_title(): ax for ax in captured["fig"].axes}
+    validation = axes["validation loss"]
+    assert all(line.get_marker() == "o" for line in validation.lines)  # one point is visible
+    assert [t.get_text() for t in validation.texts] == ["5.000 @ step 10"] * 2
+    labels = [line.get_label() for line in axes["per-layer sparsity"].lines]
+    assert labels == ["a/run layer 0", "a/run layer 1", "b/run layer 0", "b/run layer 1"]

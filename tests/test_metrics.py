@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from remoe_recipe.metrics import DEAD_EXPERT_FRACTION, RoutingMonitor
+from remoe_recipe.metrics import DEAD_EXPERT_FRACTION, RoutingMonitor, load_image
 from remoe_recipe.model.moe import RouterRecord
 from remoe_recipe.routing_stats import StepRoutingStats
 
@@ -49,7 +49,7 @@ def test_step_stats_and_monitor_match_hand_counts():
 
     monitor = RoutingMonitor(L, N, target_sparsity=0.75, device=torch.device("cpu"))
     monitor.observe(1, reduced, torch.tensor(0.01))
-    scalars, image = monitor.collect(reduced, torch.tensor(0.01))
+    scalars, relative_load = monitor.collect(reduced, torch.tensor(0.01))
 
     load = [[sum(m[l][t][e] for m in micro for t in range(T)) for e in range(N)] for l in range(L)]
     dead = 0
@@ -63,11 +63,14 @@ def test_step_stats_and_monitor_match_hand_counts():
     assert scalars["remoe/sparsity"] == pytest.approx(expected_sparsity)
     assert scalars["remoe/l1_coeff"] == pytest.approx(0.01)
     assert scalars["remoe/penalty"] == pytest.approx(0.01 * expected_term)
-    # Load image: one 8x8 cell per (layer, expert); layer 2 expert 0 at 4x fair share -> black,
-    # its idle experts -> white.
-    assert image.shape == (L * 8, N * 8, 3)
-    assert image[2 * 8 + 3, 0 * 8 + 3, 0] == 0
-    assert image[2 * 8 + 3, 2 * 8 + 3, 0] == 255
+    # Relative load (1 = the fair share): layer 2 sends every pair to expert 0 (N times its share).
+    for l in range(L):
+        mean = sum(load[l]) / N
+        assert relative_load[l * N : (l + 1) * N] == pytest.approx([x / mean for x in load[l]])
+    assert relative_load[2 * N : 3 * N] == pytest.approx([N, 0, 0, 0])
+    image = load_image(relative_load, L, N)  # the TensorBoard heat map: RGB with axes and a colour bar
+    assert str(image.dtype) == "uint8"
+    assert image.ndim == 3 and image.shape[2] == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
 
 def test_stages_follow_penalty_and_target():

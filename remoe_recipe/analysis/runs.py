@@ -4,7 +4,9 @@
 
 Each RUN_DIR is a run's dump folder (or any folder holding its event files). Panels: training loss,
 validation loss, sparsity, lambda, per-layer sparsity, expert-load imbalance; a panel a run did not log
-(e.g. lambda for TopK) simply has no line for it.
+(e.g. lambda for TopK) simply has no line for it. Runs are named by their folder, with as many parent
+folders as it takes to tell runs with the same folder name apart. Validation points are drawn as
+markers, the last one labelled with its step; per-layer lines are labelled by run and layer.
 """
 
 import argparse
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+LAYER_STYLES = ("-", "--", ":", "-.")
 PANELS = [
     ("loss_metrics/global_avg_loss", "training loss", False),
     ("validation_metrics/loss", "validation loss", False),
@@ -42,6 +45,16 @@ def read_run(run_dir: Path) -> dict[str, dict[int, float]]:
     return scalars
 
 
+def run_names(run_dirs: list[Path]) -> list[str]:
+    """Each run's folder name, extended by parent folders until all names differ (a/run, b/run)."""
+    parts = [Path(os.path.abspath(d)).parts for d in run_dirs]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    raise SystemExit(f"the same run folder is given twice: {[str(d) for d in run_dirs]}")
+
+
 def plot_runs(runs: dict[str, dict[str, dict[int, float]]], out: Path) -> dict[str, int]:
     """Write the figure; returns {panel title: number of lines drawn}."""
     import matplotlib
@@ -55,23 +68,28 @@ def plot_runs(runs: dict[str, dict[str, dict[int, float]]], out: Path) -> dict[s
     for ax, (tag, title, log_y) in zip(axes.flat, PANELS):
         for i, (name, scalars) in enumerate(runs.items()):
             color = colors[i % len(colors)]
-            if tag.endswith("/"):  # one thin line per layer
+            if tag.endswith("/"):  # one line per layer: the run's colour, a line style per layer
                 layer_tags = sorted((t for t in scalars if t.startswith(tag)), key=lambda t: int(t.rsplit("_", 1)[-1]))
                 for j, layer_tag in enumerate(layer_tags):
                     steps = sorted(scalars[layer_tag])
-                    ax.plot(steps, [scalars[layer_tag][s] for s in steps], color=color, alpha=0.35 + 0.6 * j / max(len(layer_tags), 1),
-                            linewidth=1, label=name if j == 0 else None)
+                    ax.plot(steps, [scalars[layer_tag][s] for s in steps], color=color, linewidth=1,
+                            linestyle=LAYER_STYLES[j % len(LAYER_STYLES)], label=f"{name} layer {j}")
             elif tag in scalars:
                 steps = sorted(scalars[tag])
-                ax.plot(steps, [scalars[tag][s] for s in steps], color=color, label=name,
-                        marker="o" if len(steps) < 20 else None)
+                values = [scalars[tag][s] for s in steps]
+                # Validation runs every validation.freq steps: markers, so that even one point shows.
+                sparse = tag.startswith("validation") or len(steps) < 20
+                ax.plot(steps, values, color=color, label=name, marker="o" if sparse else None)
+                if tag.startswith("validation"):
+                    ax.annotate(f"{values[-1]:.3f} @ step {steps[-1]}", (steps[-1], values[-1]), fontsize=7,
+                                textcoords="offset points", xytext=(4, 4), color=color)
         ax.set_title(title)
         ax.set_xlabel("step")
         drawn[title] = len(ax.lines)
         if log_y and ax.lines:
             ax.set_yscale("log")
         if ax.lines:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7 if len(ax.lines) <= 8 else 5, ncol=1 if len(ax.lines) <= 8 else 2)
         else:
             ax.text(0.5, 0.5, "not logged by these runs", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
@@ -89,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     for run_dir in a.run_dirs:
         if not run_dir.exists():
             raise SystemExit(f"{run_dir}: no such folder")
-        runs[run_dir.name or str(run_dir)] = read_run(run_dir)
+    for name, run_dir in zip(run_names(a.run_dirs), a.run_dirs):
+        runs[name] = read_run(run_dir)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     plot_runs(runs, a.out)
     print(f"wrote {a.out}")
