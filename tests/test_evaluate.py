@@ -227,3 +227,26 @@ def test_rolling_loglikelihood_and_generation_requests(evaluated):
     until = greedy[len(greedy) // 2:][:2] or "\n"
     out = lm.generate_until([Instance("generate_until", {}, (context, {"until": [until], "max_gen_toks": 6}), 0)])
     assert out == [greedy.split(until)[0]]
+
+
+def test_table2_layout_shows_the_papers_row_only_for_the_papers_config():
+    from remoe_recipe.evaluate import TABLE2_TASKS, is_paper_config, table
+
+    accuracies = [0.2, 0.45, 0.55, 0.3, 0.35, 0.63, 0.29]
+    results = {t: {"acc,none": a, "acc_stderr,none": 0.01} for t, a in zip(TABLE2_TASKS, accuracies)}
+    results["my_task"] = {"acc,none": 0.5}
+    paper = {"model": {"flavor": "182M"}, "moe": {"router": "relu", "num_experts": 8, "top_k": 1, "granularity": 1,
+                                                 "ffn_expansion": 1}}
+    assert is_paper_config(paper)
+    lines = table(results, "relu", is_paper_config(paper)).splitlines()
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
+    assert header == ["model", "ARC-c", "ARC-e", "BoolQ", "HellaSwag", "LAMBADA", "PIQA", "RACE", "Avg"]
+    row = [c.strip() for c in lines[2].split("|")[1:-1]]
+    # Table 2's column order is ARC-c, ARC-e, ...; lm-eval's names map to it
+    assert row == ["this run", "20.00", "45.00", "55.00", "30.00", "35.00", "63.00", "29.00",
+                   f"{100 * sum(accuracies) / 7:.2f}"]
+    assert [c.strip() for c in lines[3].split("|")[1:-1]][0] == "ReMoE (paper)" and "40.03" in lines[3]
+    assert lines[-1] == "my_task: acc 0.5000"
+    other = dict(paper, moe=dict(paper["moe"], granularity=2))
+    assert not is_paper_config(other)
+    assert "paper" not in table(results, "relu", is_paper_config(other))

@@ -166,46 +166,32 @@ def test_bad_input_one_line_and_checkpoint_untouched(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_expert_parallel_checkpoint_exports_same_tensors(tmp_path):
-    """A checkpoint saved by 2 processes with EP = 2 (model only) and the one-process checkpoint it was
-    loaded from (full) export identical tensors. lr = 0: the EP run saves exactly what it loaded."""
-    common = ["--training.steps", "1", "--optimizer.lr", "0", "--checkpoint.enable", "--checkpoint.interval", "1",
-              "--moe.granularity", "2"]
-    run_training("debug_remoe.toml", tmp_path / "one", *common)
+def test_expert_parallel_and_torchtitan_hf_paths_give_the_exporters_tensors(tmp_path):
+    """lr = 0 keeps every step's weights equal to the first, so all of these must hold identical tensors:
+    A (one process): step 1 as DCP (full), step 2 written by --checkpoint.last_save_in_hf;
+    B (2 processes, EP = 2, FSDP): started from A's HF folder with --checkpoint.initial_load_in_hf,
+    step 1 as DCP (experts sharded), step 2 by last_save_in_hf (the adapter splits sharded experts)."""
+    common = ["--optimizer.lr", "0", "--checkpoint.enable", "--checkpoint.interval", "1", "--moe.granularity", "2",
+              "--training.steps", "2", "--checkpoint.last_save_model_only", "--checkpoint.last_save_in_hf"]
+    run_training("debug_remoe.toml", tmp_path / "a", *common)
+    hf_a = tmp_path / "a" / "checkpoint" / "step-2"
     run_training(
-        "debug_remoe.toml", tmp_path / "ep2", *common, "--parallelism.expert_parallel_degree", "2",
-        "--checkpoint.initial_load_path", str(tmp_path / "one" / "checkpoint" / "step-1"),
-        "--checkpoint.last_save_model_only", nproc=2,
+        "debug_remoe.toml", tmp_path / "b", *common, "--parallelism.expert_parallel_degree", "2",
+        "--checkpoint.initial_load_path", str(hf_a), "--checkpoint.initial_load_in_hf",
+        "--checkpoint.initial_load_model_only", nproc=2,
     )
-    assert len(list((tmp_path / "ep2" / "checkpoint" / "step-1").glob("*.distcp"))) == 2
-    exported = {}
-    for name in ("one", "ep2"):
-        out = export(load_trained_model(tmp_path / name / "checkpoint"), tmp_path / f"hf_{name}")
-        exported[name] = _hf_tensors(out)
-    assert set(exported["one"]) == set(exported["ep2"])
-    for key, tensor in exported["one"].items():
-        assert torch.equal(exported["ep2"][key], tensor), key
-
-
-@pytest.mark.slow
-def test_torchtitan_hf_save_and_initial_load_use_the_same_conversion(tmp_path):
-    """--checkpoint.last_save_in_hf writes a folder transformers loads, with the exporter's tensors; a
-    run started from it with --checkpoint.initial_load_in_hf holds the same weights. lr = 0 keeps the
-    weights of every step identical, so step 1 (DCP) and step 2 (HF) can be compared."""
-    common = ["--optimizer.lr", "0", "--checkpoint.enable", "--checkpoint.interval", "1"]
-    run_training("debug_topk.toml", tmp_path / "a", *common, "--training.steps", "2",
-                 "--checkpoint.last_save_model_only", "--checkpoint.last_save_in_hf")
-    saved_hf = tmp_path / "a" / "checkpoint" / "step-2"
-    exported = _hf_tensors(export(load_trained_model(tmp_path / "a" / "checkpoint", step=1), tmp_path / "hf_a"))
-    by_torchtitan = _hf_tensors(saved_hf)
-    assert set(by_torchtitan) == set(exported)
-    assert all(torch.equal(by_torchtitan[k], exported[k]) for k in exported)
-    model = _load_hf(saved_hf)  # config.json, tokenizer and remote code were added beside the weights
-    assert type(model).__name__ == "ReMoEForCausalLM"
-    assert transformers.AutoTokenizer.from_pretrained(str(saved_hf)).eos_token_id == load_tokenizer("builtin").eos_id
-
-    run_training("debug_topk.toml", tmp_path / "b", *common, "--training.steps", "1",
-                 "--checkpoint.initial_load_path", str(saved_hf), "--checkpoint.initial_load_in_hf",
-                 "--checkpoint.initial_load_model_only")
-    started = _hf_tensors(export(load_trained_model(tmp_path / "b" / "checkpoint"), tmp_path / "hf_b"))
-    assert all(torch.equal(started[k], exported[k]) for k in exported)
+    assert len(list((tmp_path / "b" / "checkpoint" / "step-1").glob("*.distcp"))) == 2
+    reference = _hf_tensors(export(load_trained_model(tmp_path / "a" / "checkpoint", step=1), tmp_path / "hf_a1"))
+    candidates = {
+        "A step 2 (last_save_in_hf)": _hf_tensors(hf_a),
+        "B step 1 (DCP, EP = 2)": _hf_tensors(export(load_trained_model(tmp_path / "b" / "checkpoint", step=1),
+                                                      tmp_path / "hf_b1")),
+        "B step 2 (last_save_in_hf, EP = 2)": _hf_tensors(tmp_path / "b" / "checkpoint" / "step-2"),
+    }
+    for name, tensors in candidates.items():
+        assert set(tensors) == set(reference), name
+        assert all(torch.equal(tensors[k], reference[k]) for k in reference), name
+    for folder in (hf_a, tmp_path / "b" / "checkpoint" / "step-2"):  # config, tokenizer, remote code were added
+        assert type(_load_hf(folder)).__name__ == "ReMoEForCausalLM"
+        tok = transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
+        assert tok.eos_token_id == load_tokenizer("builtin").eos_id
