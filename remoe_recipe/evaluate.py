@@ -190,6 +190,9 @@ def _jsonable(obj):
 
 
 def run(a) -> dict:
+    if a.data_dir:  # read at import: no hub look-ups for local files
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lm_eval
 
     tasks = expand_tasks(a.tasks)

@@ -11,6 +11,7 @@ besides it. The export is checked against the exported architecture's parameter 
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,6 +70,10 @@ def write_safetensors(tensors, out: Path, max_shard_bytes: int, dtype: torch.dty
         size += nbytes
         total += nbytes
     flush()
+    umask = os.umask(0)
+    os.umask(umask)
+    for i in range(len(shards)):  # safetensors writes through a private temporary file (mode 600)
+        os.chmod(out / f"shard-{i:05d}.tmp", 0o666 & ~umask)
     if len(shards) == 1:
         (out / "shard-00000.tmp").rename(out / "model.safetensors")
         return shapes

@@ -84,9 +84,13 @@ def run_dir_of(step_dir: Path) -> Path | None:
 def job_config(step_dir: Path, config: str | None = None, overrides: list[str] | tuple = ()) -> dict:
     """The run's configuration: from `--config` (+ overrides) if given, else RUN/job_config.json."""
     if config is not None:
+        from remoe_recipe.config import ConfigError
         from remoe_recipe.preflight import load_config
 
-        return load_config(["--job.config_file", config, *overrides], check_data=False).to_dict()
+        try:
+            return load_config(["--job.config_file", config, *overrides], check_data=False).to_dict()
+        except (ConfigError, FileNotFoundError) as e:
+            raise CheckpointError(f"--config {config}: {e}") from None
     run = run_dir_of(step_dir)
     path = run / RUN_CONFIG_FILE if run else None
     if path is None or not path.is_file():
