@@ -8,7 +8,8 @@ fp32 weights under bf16 autocast with fused AdamW and gradient clipping (torchti
 random token ids. Reported per model: tokens/s, MFU on active FLOPs (the measured active experts per
 token, `flops_per_token`), peak allocated memory, and the host syncs of one whole step counted by
 `torch.cuda.set_sync_debug_mode("warn")` (12 MoE layers). ReMoE runs twice: at its dense start (a fresh
-router, about half the experts open: `[moe] pair_chunk_size` chunks it) and at stage-III sparsity (each
+router, about half the experts open), with `[moe] pair_chunk_size` auto and forced to chunks of T * k
+pairs, and at stage-III sparsity (each
 router's logits shifted by its 1 - k/E quantile, a bias in disguise, as in the moe_layer benchmark).
 Eager, then compiled per block (`infra/compile.py`, inductor) if time allows.
 
@@ -58,7 +59,8 @@ def count_syncs(fn) -> int:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    # (not the one-time "Synchronization debug mode is a prototype ... synchronizing operations" notice)
+    return sum("called a synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
 def sync(device) -> None:
@@ -69,10 +71,10 @@ def sync(device) -> None:
 class Model:
     """One model, stepping like remoe_recipe.train on one GPU."""
 
-    def __init__(self, router: str, flavor: str, seq_len: int, vocab: int, device, compile_blocks: bool):
+    def __init__(self, router, flavor, seq_len, vocab, device, compile_blocks: bool, pair_chunk_size: int = -1):
         args = copy.deepcopy(remoe_flavors()[flavor])
         args.vocab_size, args.max_seq_len = vocab, seq_len
-        args.moe = MoEConfig(router=router, num_experts=8, top_k=1)
+        args.moe = MoEConfig(router=router, num_experts=8, top_k=1, pair_chunk_size=pair_chunk_size)
         torch.manual_seed(0)
         self.model = ReMoETransformer(args).to(device)
         with torch.no_grad():
@@ -83,8 +85,10 @@ class Model:
             from remoe_recipe.infra.compile import apply_compile
 
             apply_compile(self.model, Compile(enable=True, backend="inductor"))
+        # lr = 0: the optimizer does all its work, but the routing stays where it was set (a fresh
+        # router for the dense start, a calibrated one for stage III) over the timed steps.
         self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=5e-4, weight_decay=0.01, fused=device.type == "cuda"
+            self.model.parameters(), lr=0.0, weight_decay=0.01, fused=device.type == "cuda"
         )
         self.args, self.device, self.shifts = args, device, []
         self.stats = StepRoutingStats(args.n_layers, args.num_routed_experts, device)
@@ -148,7 +152,7 @@ def train_step(device, dry: bool, compile_blocks: bool, budget_s: float) -> dict
     data = torch.randint(0, vocab, (4, batch, seq_len + 1), generator=gen).to(device)
     batches = [(d[:, :-1].contiguous(), d[:, 1:].contiguous()) for d in data]
     results = {}
-    cases = [("topk", ""), ("relu", "stage3"), ("relu", "dense_start")]
+    cases = [("topk", ""), ("relu", "stage3"), ("relu", "dense_start"), ("relu", "dense_start_chunked")]
     for router, stage in cases:
         name = f"{'remoe' if router == 'relu' else 'topk'}{'_' + stage if stage else ''}"
         name += "_compiled" if compile_blocks else ""
@@ -156,7 +160,8 @@ def train_step(device, dry: bool, compile_blocks: bool, budget_s: float) -> dict
             log(f"skip {name}: time budget")
             continue
         log(f"{name}: building")
-        m = Model(router, flavor, seq_len, vocab, device, compile_blocks)
+        # the chunked dense start forces what auto does on a device too small for the unchunked one
+        m = Model(router, flavor, seq_len, vocab, device, compile_blocks, batch * seq_len if "chunked" in stage else -1)
         t0 = time.perf_counter()
         try:
             if stage == "stage3":

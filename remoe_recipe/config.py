@@ -53,8 +53,9 @@ class MoE:
     pair_chunk_size: int = -1
     """Bounds the activation memory of ReMoE's dense start (stages I-II): when a micro-batch routes more
     (token, expert) pairs than this, they go through the experts in chunks of this many, each recomputed
-    in backward instead of keeping its activations. -1 (auto): chunks of T*k pairs once a micro-batch of
-    T tokens routes more than 2*T*k (k*G at granularity G), i.e. during the dense start only; 0: never."""
+    in backward instead of keeping its activations. -1 (auto): chunks of T*k pairs while a micro-batch of
+    T tokens routes more than 2*T*k (k*G at granularity G; the dense start only) and keeping every layer's
+    pairs would take over half the device's memory; 0: never."""
 
 
 @dataclass

@@ -26,6 +26,7 @@ from torchtitan.tools.utils import set_default_dtype
 
 from remoe_recipe.config import ConfigError
 from remoe_recipe.infra.layout import check_layout
+from remoe_recipe.model.moe import chunk_limit, pair_bytes as moe_pair_bytes
 from remoe_recipe.platform import enable_cpu_training
 from remoe_recipe.preflight import load_config
 
@@ -82,20 +83,21 @@ def count_rank_params(model: torch.nn.Module, efsdp: int) -> RankParams:
     return counts
 
 
+# The device the auto chunking of `[moe] pair_chunk_size` is estimated for (the layer reads the real one).
+ASSUMED_DEVICE_GIB = 80
+
+
 def pair_bytes(args, b: int) -> float:
-    """Bytes one active (token, expert) pair keeps for backward in the MoE layer: the gathered input and
-    the SwiGLU's four expert-width tensors (compute dtype), the expert output in fp32 (the gate's
-    gradient), and the pair's token and expert indices."""
-    return (args.dim + 4 * args.expert_dim) * b + 4 * args.dim + 16
+    """Bytes one active (token, expert) pair keeps for backward in the MoE layer (`moe.pair_bytes`)."""
+    return moe_pair_bytes(args.dim, args.expert_dim, b)
 
 
-def chunk_pairs(size: int, tokens: int, active_per_token: float, top_k: int) -> int:
-    """Pairs per chunk if the MoE layer chunks at this density (`[moe] pair_chunk_size` = size), else 0.
-    Mirrors the layer (`moe.chunk_limit`): auto chunks by T*k beyond 2*T*k pairs."""
+def chunk_pairs(args, size: int, tokens: int, active_per_token: float, b: int) -> int:
+    """Pairs per chunk if the MoE layer chunks at this density (`[moe] pair_chunk_size` = size), else 0:
+    the layer's own rule (`moe.chunk_limit`), on an ASSUMED_DEVICE_GIB device."""
     pairs = tokens * active_per_token
-    if size < 0:
-        return tokens * top_k if pairs > 2 * tokens * top_k else 0
-    return size if 0 < size < pairs else 0
+    kept = pairs * pair_bytes(args, b) * args.n_layers
+    return chunk_limit(size, pairs, tokens, args.routed_top_k, kept, ASSUMED_DEVICE_GIB * GiB)
 
 
 def activation_bytes(
@@ -113,7 +115,7 @@ def activation_bytes(
     transient = 0.0
     if args.is_moe:
         size = job_config.moe.pair_chunk_size if pair_chunk_size is None else pair_chunk_size
-        chunk = chunk_pairs(size, tokens, active_per_token, args.routed_top_k)
+        chunk = chunk_pairs(args, size, tokens, active_per_token, b)
         per_pair = 16 if chunk else pair_bytes(args, b)
         transient = 2 * chunk * pair_bytes(args, b)
         if chunk and expert_parallel:
@@ -209,11 +211,13 @@ def report(job_config, layout, parallel_dims, args, params: RankParams, notes: l
         act_dense = activation_bytes(args, job_config, dense, ac, expert_parallel=ep)
         unbounded = activation_bytes(args, job_config, dense, ac, pair_chunk_size=0)
         tokens = t.local_batch_size * t.seq_len
-        chunk = chunk_pairs(job_config.moe.pair_chunk_size, tokens, dense, args.routed_top_k)
-        how = (f"pairs in chunks of {chunk:,} (moe.pair_chunk_size = {job_config.moe.pair_chunk_size})"
-               if chunk else "pairs not chunked (moe.pair_chunk_size)")
+        b = TORCH_DTYPE_MAP[t.mixed_precision_param].itemsize
+        chunk = chunk_pairs(args, job_config.moe.pair_chunk_size, tokens, dense, b)
+        setting = f"moe.pair_chunk_size = {job_config.moe.pair_chunk_size}" + (
+            f", auto for an {ASSUMED_DEVICE_GIB} GiB device" if job_config.moe.pair_chunk_size == -1 else "")
+        how = f"pairs in chunks of {chunk:,} ({setting})" if chunk else f"pairs not chunked ({setting})"
         if chunk and ep:
-            how = "experts' SwiGLU recomputed in backward (moe.pair_chunk_size; expert parallelism does not chunk)"
+            how = f"experts' SwiGLU recomputed in backward ({setting}; expert parallelism does not chunk)"
         lines.append(
             f"  peak estimate in stage I (dense start, ~{dense:g} experts/token): {(fixed + act_dense) / GiB:.2f} GiB, "
             f"{how}" + (f"; {(fixed + unbounded) / GiB:.2f} GiB with moe.pair_chunk_size = 0" if chunk else "")

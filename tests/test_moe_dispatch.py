@@ -239,7 +239,15 @@ def test_checkpoint_recompute_reads_nothing_in_backward(router):
     assert bwd == [], bwd
 
 
-def test_chunked_dense_start_syncs():
+@pytest.fixture
+def small_device(monkeypatch):
+    """Auto chunking weighs the pairs' memory against the device's: make the device tiny."""
+    import remoe_recipe.model.moe as moe_module
+
+    monkeypatch.setattr(moe_module, "device_memory_bytes", lambda device: 1024)
+
+
+def test_chunked_dense_start_syncs(small_device):
     layer = _recipe_layer("relu", top_k=1, pair_chunk_size=-1)
     with torch.no_grad():
         layer.router.gate.weight.abs_()  # inputs below are positive: every gate open, fully dense
@@ -346,7 +354,7 @@ def _saved_bytes(fn):
 
 
 @pytest.mark.parametrize("chunk,align_rows", [(-1, 8), (-1, 1), (37, 8), (37, 1)])
-def test_chunked_dense_start_same_loss_and_grads(chunk, align_rows):
+def test_chunked_dense_start_same_loss_and_grads(chunk, align_rows, small_device):
     from tests.test_model import close, naive_moe
 
     results = {}
@@ -375,7 +383,23 @@ def test_chunked_dense_start_same_loss_and_grads(chunk, align_rows):
     assert chunked["saved"] < whole["saved"] / 3
 
 
-def test_auto_chunking_only_in_the_dense_start():
+def test_auto_chunking_only_where_memory_needs_it(monkeypatch):
+    """Auto chunks the dense start only when keeping all layers' pairs would take over half the device."""
+    import remoe_recipe.model.moe as moe_module
+
+    layer = _dense_layer(-1)
+    layer.num_moe_layers = 12
+    layer(_dense_input())
+    kept = layer._forward_pairs * moe_module.pair_bytes(D, H, 4) * 12  # fp32 activations
+    monkeypatch.setattr(moe_module, "device_memory_bytes", lambda device: 2 * kept + 1)
+    layer(_dense_input())
+    assert layer.last_num_chunks == 1
+    monkeypatch.setattr(moe_module, "device_memory_bytes", lambda device: 2 * kept - 1)
+    layer(_dense_input())
+    assert layer.last_num_chunks == N
+
+
+def test_auto_chunking_only_in_the_dense_start(small_device):
     sparse = _recipe_layer("relu", top_k=1, pair_chunk_size=-1)  # random gates: about half open
     with torch.no_grad():
         sparse.router.gate.weight[:, 0] = -3.0  # now about none open: stage III-like
@@ -428,7 +452,7 @@ def test_syncs_under_expert_parallelism(ep_mesh, cpu_permute_twin):
     assert relu_fwd == ["aten._local_scalar_dense.default"] + reference and relu_bwd == []
 
 
-def test_dense_start_under_expert_parallelism_recomputes_the_experts(ep_mesh, cpu_permute_twin):
+def test_dense_start_under_expert_parallelism_recomputes_the_experts(ep_mesh, cpu_permute_twin, small_device):
     """Under EP the layer does not chunk: ranks with different pair counts would run different numbers
     of exchanges. It exchanges once and recomputes the local SwiGLU in backward: same output and
     gradients, less kept, no host sync in backward."""

@@ -18,6 +18,7 @@ reproducible) on CPU, and the deterministic sort-based kernel on CUDA under
 """
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -145,13 +146,32 @@ def in_recompute() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def chunk_limit(pair_chunk_size: int, num_tokens: int, top_k: int) -> int:
+def pair_bytes(dim: int, expert_dim: int, itemsize: int) -> int:
+    """Bytes one active (token, expert) pair keeps for backward: the gathered input and the SwiGLU's four
+    expert-width tensors (compute dtype), the expert output in fp32 (the gate's gradient), its indices."""
+    return (dim + 4 * expert_dim) * itemsize + 4 * dim + 16
+
+
+@functools.cache
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of the device the activations live on (host RAM for CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def chunk_limit(
+    pair_chunk_size: int, num_pairs: int, num_tokens: int, top_k: int, kept_bytes: float, memory_bytes: float
+) -> int:
     """Pairs per chunk of the expert block, or 0 for no chunking (`[moe] pair_chunk_size`).
-    -1 (auto): chunks of T * k pairs once a micro-batch routes more than 2 * T * k (ReMoE's dense
-    start); TopK routes exactly T * k and stage III about that, so neither is chunked."""
-    if pair_chunk_size < 0:
-        return num_tokens * top_k
-    return pair_chunk_size
+    n > 0: chunks of n whenever there are more than n pairs. -1 (auto): chunks of T * k pairs when a
+    micro-batch routes more than 2 * T * k (ReMoE's dense start; TopK and stage III route about T * k)
+    and keeping every MoE layer's pairs (`kept_bytes`) would take more than half the device's memory."""
+    if pair_chunk_size > 0:
+        return pair_chunk_size if num_pairs > pair_chunk_size else 0
+    if pair_chunk_size == 0 or num_pairs <= 2 * num_tokens * top_k:
+        return 0
+    return num_tokens * top_k if kept_bytes > memory_bytes / 2 else 0
 
 
 class MoE(nn.Module):
@@ -165,6 +185,7 @@ class MoE(nn.Module):
         load_balance: bool,
         use_grouped_mm: bool,
         pair_chunk_size: int = -1,
+        num_moe_layers: int = 1,
     ):
         super().__init__()
         if router == "relu":
@@ -174,9 +195,12 @@ class MoE(nn.Module):
         else:
             raise ValueError(f"moe.router = {router!r}: the MoE layer needs 'relu' or 'topk'")
         self.experts = Experts(dim, expert_dim, num_experts, use_grouped_mm)
+        # by name: torch.compile wraps the router module (infra/compile.py), so isinstance would fail
+        self.router_kind = router
         self.num_experts = num_experts
         self.top_k = top_k
         self.pair_chunk_size = pair_chunk_size
+        self.num_moe_layers = num_moe_layers  # the memory the auto chunking weighs is all layers'
         # Set by each forward outside recompute; taken (and cleared) by `pop_record`.
         self.record: RouterRecord | None = None
         # The last forward's number of pairs, for its activation-checkpoint recompute (no host read
@@ -188,7 +212,7 @@ class MoE(nn.Module):
     def _num_pairs(self, routing: Routing, tokens_per_expert: torch.Tensor, num_tokens: int) -> int:
         if in_recompute() and self._forward_pairs is not None:
             return self._forward_pairs
-        if isinstance(self.router, TopKRouter):
+        if self.router_kind == "topk":
             pairs = num_tokens * self.top_k  # every token has exactly k experts: no host read
         else:
             pairs = int(tokens_per_expert.sum())  # the layer's one host sync (ReLU: variable k)
@@ -198,6 +222,15 @@ class MoE(nn.Module):
     def _expert_parallel(self) -> bool:
         w = self.experts.w1
         return isinstance(w, DTensor) and "ep" in (w.device_mesh.mesh_dim_names or ())
+
+    def _chunk_limit(self, x: torch.Tensor, num_pairs: int, num_tokens: int) -> int:
+        if self.pair_chunk_size != -1:
+            return chunk_limit(self.pair_chunk_size, num_pairs, num_tokens, self.top_k, 0, 0)
+        device = x.device.type
+        itemsize = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype).itemsize
+        w = self.experts.w1
+        kept = num_pairs * pair_bytes(w.shape[2], w.shape[1], itemsize) * self.num_moe_layers
+        return chunk_limit(-1, num_pairs, num_tokens, self.top_k, kept, device_memory_bytes(x.device))
 
     def _weighted_outputs(self, x, gates, token_idx, expert_idx, counts) -> torch.Tensor:
         """[pairs, D] fp32: each pair's expert output times its gate."""
@@ -217,9 +250,8 @@ class MoE(nn.Module):
         # The gate-weighted combine sums in fp32. Tokens with no active expert keep a zero row: only
         # the residual carries them.
         out = x.new_zeros(x.shape, dtype=torch.float32)
-        limit = chunk_limit(self.pair_chunk_size, num_tokens, self.top_k)
-        chunked = 0 < limit < num_pairs and not (self.pair_chunk_size < 0 and num_pairs <= 2 * limit)
-        if not chunked:
+        limit = self._chunk_limit(x, num_pairs, num_tokens)
+        if not limit:
             out.index_add_(0, token_idx, self._weighted_outputs(x, routing.gates, token_idx, expert_idx,
                                                                 tokens_per_expert))
             self.last_num_chunks = 1
