@@ -509,3 +509,14 @@ def test_experts_run_in_the_autocast_dtype():
         y = layer(x)
     assert seen and all(d == (torch.bfloat16, torch.bfloat16) for d in seen)
     assert y.dtype == torch.float32  # the layer returns the residual stream's dtype
+
+
+def test_compiled_router_keeps_topk_sync_free():
+    """infra/compile.py wraps the router in torch.compile: TopK must still know its pair count without
+    reading it (on an H200 a type check on the wrapped router once cost one sync per layer)."""
+    layer = _recipe_layer("topk")
+    # the wrapper is what matters (dynamo runs no graph under a dispatch mode, so no fullgraph here)
+    layer.router = torch.compile(layer.router, backend="eager")
+    assert type(layer.router).__name__ == "OptimizedModule"
+    fwd, bwd = count_step(layer, _input())
+    assert fwd == [] and bwd == []
