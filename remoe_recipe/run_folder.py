@@ -24,10 +24,13 @@ STALE_AFTER_S = 600.0
 
 
 def check_writable(folder: str, key: str = "checkpoint.folder") -> None:
-    """Create `folder` and write a probe file in it; ConfigError naming the folder if that fails."""
-    probe = os.path.join(folder, f".write-probe-{socket.gethostname()}-{os.getpid()}")
+    """Write a probe file in `folder`, or, while it does not exist yet, in its parent (created if needed);
+    ConfigError naming the folder if that fails. The folder itself is not created: torchtitan reads a
+    missing checkpoint folder as a fresh run, the only case where --checkpoint.initial_load_path applies."""
+    where = folder if os.path.isdir(folder) else os.path.dirname(os.path.abspath(folder))
+    probe = os.path.join(where, f".write-probe-{socket.gethostname()}-{os.getpid()}")
     try:
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(where, exist_ok=True)
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
