@@ -195,3 +195,13 @@ def test_expert_parallel_and_torchtitan_hf_paths_give_the_exporters_tensors(tmp_
         assert type(_load_hf(folder)).__name__ == "ReMoEForCausalLM"
         tok = transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
         assert tok.eos_token_id == load_tokenizer("builtin").eos_id
+
+
+def test_start_up_probe_leaves_a_new_checkpoint_folder_absent(tmp_path):
+    """torchtitan applies --checkpoint.initial_load_path (an exported HF folder, say) only while the run's
+    checkpoint folder does not exist: the trainer's writability check must not create it."""
+    from remoe_recipe.run_folder import check_writable
+
+    check_writable(str(tmp_path / "run" / "checkpoint"))
+    assert (tmp_path / "run").is_dir() and not (tmp_path / "run" / "checkpoint").exists()
+    assert list((tmp_path / "run").iterdir()) == []  # the probe file is gone
