@@ -83,6 +83,9 @@ class RoutingMonitor:
             scalars[f"moe_layers/sparsity/layer_{layer}"] = layer_sparsity[layer]
             scalars[f"moe_layers/active_experts/layer_{layer}"] = (1 - layer_sparsity[layer]) * N
             scalars[f"moe_layers/imbalance/layer_{layer}"] = layer_imbalance[layer]
+            scalars[f"moe_layers/dead_experts/layer_{layer}"] = sum(
+                1 for e in range(N) if rel[layer * N + e] < DEAD_EXPERT_FRACTION
+            )
         if self.target_sparsity is None:
             scalars["moe/aux_loss"] = loss_term
         else:

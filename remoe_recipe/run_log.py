@@ -4,15 +4,21 @@
 - The first lines name the config file, dump folder, training/validation data, tokenizer and parallel layout.
 - The resolved configuration (defaults < TOML < command line) is saved as `<dump_folder>/config.toml`
   (a complete TOML: `--job.config_file <dump_folder>/config.toml` repeats the run) and as TensorBoard text.
+- Each run writes TensorBoard events into its own folder `<dump>/<save_tb_folder>/<YYYYmmdd-HHMMSS>`
+  (torchtitan names it by the minute, so a resume started in the same minute would mix into the
+  previous run's folder); rank 0 picks the name and every rank uses it.
 - Messages torchtitan emits that do not apply to this recipe are dropped (KNOWN_NOISE): the recipe reads
   its tokenizer from `model.tokenizer_path` and no Hugging Face assets, and on CPU there is no GPU peak.
 """
 
+import contextlib
 import datetime
 import logging
 import os
 import time
 import warnings
+
+import torch.distributed as dist
 
 from remoe_recipe.show_config import format_resolved
 
@@ -91,3 +97,43 @@ class Progress:
             eta = (now - self.first[1]) / done * (self.total - step)
             text += f", ETA {datetime.timedelta(seconds=round(eta))}"
         return text
+
+
+def unique_tensorboard_name(config) -> str:
+    """On rank 0: a folder name under the TensorBoard folder that no earlier run used."""
+    base = os.path.join(config.job.dump_folder, config.metrics.save_tb_folder)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name, n = stamp, 1
+    while os.path.exists(os.path.join(base, name)):
+        n += 1
+        name = f"{stamp}-{n}"
+    return name
+
+
+def agreed_tensorboard_name(config) -> str:
+    """Rank 0's unique name, broadcast to every rank (all ranks must call this)."""
+    name = [unique_tensorboard_name(config) if not dist.is_initialized() or dist.get_rank() == 0 else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(name, src=0)
+    return name[0]
+
+
+@contextlib.contextmanager
+def tensorboard_folder_named(name: str):
+    """torchtitan's metric logger names its folder `datetime.now().strftime(...)`: give it `name` instead."""
+    import torchtitan.components.metrics as titan_metrics
+
+    class _Named:
+        @staticmethod
+        def now():
+            return _Named()
+
+        def strftime(self, _format: str) -> str:
+            return name
+
+    real = titan_metrics.datetime
+    titan_metrics.datetime = _Named
+    try:
+        yield
+    finally:
+        titan_metrics.datetime = real

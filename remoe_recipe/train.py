@@ -44,7 +44,10 @@ from remoe_recipe.platform import enable_cpu_training, has_accelerator
 from remoe_recipe.preflight import config_file, load_config
 from remoe_recipe.router_loss import RouterLossWrapper
 from remoe_recipe.routing_health import RoutingHealth
-from remoe_recipe.run_log import Progress, describe_run, quiet_known_noise, rank_zero_only, save_config_toml
+from remoe_recipe.run_log import (
+    Progress, agreed_tensorboard_name, describe_run, quiet_known_noise, rank_zero_only, save_config_toml,
+    tensorboard_folder_named,
+)
 from remoe_recipe.run_folder import RunLock, check_writable
 from remoe_recipe.routing_stats import ReducedRoutingStats, StepRoutingStats
 from remoe_recipe.sparsity import L1CoefficientController
@@ -61,7 +64,11 @@ class ReMoETrainer(Trainer):
         self.interrupted = False
         self._micro_losses: list[torch.Tensor] = []
         self._grad_norm: torch.Tensor | None = None
-        super().__init__(job_config)
+        self._tensorboard_folder = contextlib.ExitStack()
+        try:
+            super().__init__(job_config)  # init_distributed (below) names this run's TensorBoard folder
+        finally:
+            self._tensorboard_folder.close()
         self.progress = Progress(job_config.training.steps)
         self.validated_step = 0
         if not has_accelerator():
@@ -109,6 +116,12 @@ class ReMoETrainer(Trainer):
             self.loss_fn, self.model_parts, coeff,
             average_layers=args.moe.router == "relu", stats=self.routing_stats,
         )
+
+    def init_distributed(self):
+        parallel_dims = super().init_distributed()
+        name = agreed_tensorboard_name(self.job_config)
+        self._tensorboard_folder.enter_context(tensorboard_folder_named(name))
+        return parallel_dims
 
     def _routing_group(self):
         if not self.parallel_dims.dp_cp_enabled:

@@ -20,7 +20,7 @@ def saved_run(tmp_path_factory):
     dump = tmp_path_factory.mktemp("saved")
     run_training(
         "debug_remoe.toml", dump, "--training.steps", "4", "--checkpoint.enable", "--checkpoint.interval", "2",
-        "--moe.l1_coeff_init", "1e-2",
+        "--moe.l1_coeff_init", "1e-2", "--optimizer.lr", "2e-3",
     )
     return dump
 

@@ -43,6 +43,8 @@ def test_a_short_run_tells_its_story(tmp_path):
     saved = load_config(["--job.config_file", str(tmp_path / "config.toml")])
     assert saved.moe.l1_coeff_multiplier == 1.5 and saved.training.steps == 5 and saved.training.seq_len == 64
     assert "l1_coeff_multiplier = 1.5" in _texts(tmp_path)["config/text_summary"]
+    [folder] = [p.name for p in (tmp_path / "tb").iterdir()]
+    assert re.fullmatch(r"\d{8}-\d{6}", folder)  # this run's own folder, named to the second
 
 
 def test_only_rank_zero_logs_unless_asked(monkeypatch):
@@ -59,3 +61,17 @@ def test_only_rank_zero_logs_unless_asked(monkeypatch):
     config.metrics.log_all_ranks = False
     rank_zero_only(logger, config)
     assert logger.level == logging.INFO
+
+
+def test_each_run_gets_its_own_tensorboard_folder(tmp_path, monkeypatch):
+    import time
+
+    from remoe_recipe.run_log import unique_tensorboard_name
+
+    config = load_config(["--job.config_file", "train_configs/debug_remoe.toml", "--job.dump_folder", str(tmp_path)])
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-120000")
+    assert unique_tensorboard_name(config) == "20260101-120000"
+    (tmp_path / "tb" / "20260101-120000").mkdir(parents=True)
+    assert unique_tensorboard_name(config) == "20260101-120000-2"  # a second run in the same second
+    (tmp_path / "tb" / "20260101-120000-2").mkdir()
+    assert unique_tensorboard_name(config) == "20260101-120000-3"
