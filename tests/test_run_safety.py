@@ -6,6 +6,7 @@ culprit and that nothing already written is lost.
 
 import json
 import math
+import re
 import os
 import signal
 import socket
@@ -31,8 +32,6 @@ def _error_lines(proc) -> list[str]:
 
 def _logged_losses(text: str) -> dict[int, float]:
     """{step: loss} from torchtitan's colored step lines."""
-    import re
-
     losses = {}
     for m in re.finditer(r"step:\s+(\d+)\s+\S*loss:\s+(\S+?)\s", re.sub(r"\x1b\[[0-9;]*m", "", text)):
         losses[int(m.group(1))] = float(m.group(2))
@@ -133,9 +132,9 @@ def _wait_for(log, text, proc, timeout=120):
     raise AssertionError(f"no {text!r} after {timeout}s")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_stop_signal_saves_the_current_step(tmp_path, sig):
-    """SIGTERM (preemption) or SIGUSR1 (SLURM's --signal): finish the step, save it, exit 0; resumable."""
+def test_sigterm_saves_the_current_step_and_the_run_resumes(tmp_path):
+    """SIGTERM (preemption): finish the step, save it, exit 0; the same command resumes."""
+    sig = signal.SIGTERM
     dump = tmp_path / "run"
     overrides = ["--checkpoint.enable", "--checkpoint.interval", "1000", "--training.steps", "400"]
     proc, log = _start(dump, *overrides)
@@ -148,9 +147,30 @@ def test_stop_signal_saves_the_current_step(tmp_path, sig):
     assert f"{sig.name} received: stopped after step {stopped} of 400" in text
     assert sorted(os.listdir(dump / "checkpoint")) == [f"step-{stopped}"]
     assert not (dump / LOCK_NAME).exists()
-    if sig == signal.SIGTERM:  # the same command continues from the saved step
-        resumed = run_training("debug_remoe.toml", dump, *overrides[:-1], str(stopped + 1))
-        assert f"Training starts at step {stopped + 1}" in resumed.stdout + resumed.stderr
+    resumed = run_training("debug_remoe.toml", dump, *overrides[:-1], str(stopped + 1))
+    assert f"Training starts at step {stopped + 1}" in resumed.stdout + resumed.stderr
+
+
+@pytest.mark.slow
+def test_sigusr1_through_torchrun_stops_both_ranks_at_one_step(tmp_path):
+    """What scripts/slurm.sbatch sets up: torchrun forwards SIGUSR1 (PET_SIGNALS_TO_HANDLE) to its workers;
+    the ranks agree on one step, save it together and exit 0 (torchrun itself then reports the signal)."""
+    dump = tmp_path / "run"
+    cmd, env = training_command(
+        "debug_remoe.toml", dump, "--checkpoint.enable", "--checkpoint.interval", "1000", "--training.steps", "400",
+        nproc=2,
+    )
+    env["PET_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    log = open(tmp_path / "run.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    _wait_for(log, "step 3/400", proc, timeout=300)
+    proc.send_signal(signal.SIGUSR1)
+    proc.wait(timeout=300)
+    log.seek(0)
+    text = log.read()
+    [stopped] = {int(m) for m in re.findall(r"SIGUSR1 received: stopped after step (\d+) of 400", text)}
+    step_dir = dump / "checkpoint" / f"step-{stopped}"
+    assert sorted(p.name for p in step_dir.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
 def _main_error(capsys, dump, *overrides) -> str:
