@@ -82,7 +82,11 @@ def run_dir_of(step_dir: Path) -> Path | None:
 
 
 def job_config(step_dir: Path, config: str | None = None, overrides: list[str] | tuple = ()) -> dict:
-    """The run's configuration: from `--config` (+ overrides) if given, else RUN/job_config.json."""
+    """The run's configuration: from `--config` (+ overrides) if given, else RUN/job_config.json, else the
+    resolved RUN/config.toml (both written by the trainer)."""
+    run = run_dir_of(step_dir)
+    if config is None and run is not None and not (run / RUN_CONFIG_FILE).is_file() and (run / "config.toml").is_file():
+        config = str(run / "config.toml")
     if config is not None:
         from remoe_recipe.config import ConfigError
         from remoe_recipe.preflight import load_config
@@ -91,7 +95,6 @@ def job_config(step_dir: Path, config: str | None = None, overrides: list[str] |
             return load_config(["--job.config_file", config, *overrides], check_data=False).to_dict()
         except (ConfigError, FileNotFoundError) as e:
             raise CheckpointError(f"--config {config}: {e}") from None
-    run = run_dir_of(step_dir)
     path = run / RUN_CONFIG_FILE if run else None
     if path is None or not path.is_file():
         raise CheckpointError(

@@ -205,3 +205,22 @@ def test_start_up_probe_leaves_a_new_checkpoint_folder_absent(tmp_path):
     check_writable(str(tmp_path / "run" / "checkpoint"))
     assert (tmp_path / "run").is_dir() and not (tmp_path / "run" / "checkpoint").exists()
     assert list((tmp_path / "run").iterdir()) == []  # the probe file is gone
+
+
+def test_run_configuration_from_config_toml_or_a_one_line_error(tmp_path, capsys):
+    """Without RUN/job_config.json the loader reads the trainer's resolved RUN/config.toml; without
+    either, it asks for --config."""
+    from remoe_recipe.preflight import load_config
+    from remoe_recipe.run_log import save_config_toml
+
+    run = tmp_path / "run"
+    make_run(run, "topk", "--moe.granularity", "2")
+    (run / "job_config.json").unlink()
+    config = load_config(["--job.config_file", str(CONFIGS / "debug_topk.toml"), "--moe.granularity", "2",
+                          "--job.dump_folder", str(run)], check_data=False)
+    save_config_toml(config)
+    trained = load_trained_model(run / "checkpoint")
+    assert trained.args.moe.router == "topk" and trained.args.num_routed_experts == 16
+    (run / "config.toml").unlink()
+    message = _export_error(capsys, "--checkpoint", run / "checkpoint", "--out", tmp_path / "out")
+    assert "no run configuration found" in message and "--config" in message
