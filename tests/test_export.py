@@ -10,7 +10,6 @@ orders of magnitude larger: without the q/k RoPE permutation logits differ by O(
 import base64
 import json
 import random
-import shutil
 from pathlib import Path
 
 import pytest
