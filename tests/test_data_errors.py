@@ -111,3 +111,18 @@ def test_short_corpus_warns_once_instead_of_an_epoch_line_per_step(caplog):
     n_tokens = len(tokenizer.encode("To be, or not to be.", add_eos=True))
     assert re.search(rf"gives only {n_tokens // 17} samples of 17 tokens \(1 documents\)", warnings[0])
     assert not [r for r in caplog.records if "starts epoch" in r.getMessage()]
+
+
+def test_a_dataset_that_is_not_one_is_one_line_from_the_entry_point(tmp_path, capsys):
+    """Raised while the trainer builds its dataloader (after the process group): one line, exit 2."""
+    from remoe_recipe import train
+
+    argv = ["--job.config_file", str(CONFIGS / "debug_remoe.toml"), "--job.dump_folder", str(tmp_path),
+            "--training.dataset", "c4_test", "--checkpoint.no-enable", "--validation.no-enable"]
+    with pytest.raises(SystemExit) as info:
+        train.main(argv)
+    assert info.value.code == 2
+    out = capsys.readouterr()
+    [error] = [line.split(" - ERROR - ", 1)[1] for line in out.out.splitlines() if " - ERROR - " in line]
+    assert error.startswith("data error: training.dataset = 'c4_test': not a dataset of this recipe")
+    assert "Traceback" not in out.out + out.err

@@ -10,7 +10,7 @@ and read what the cache or the disk holds.
 from collections.abc import Iterator
 
 from remoe_recipe.data.config import Data
-from remoe_recipe.data.sources import make_document
+from remoe_recipe.data.sources import DataError, make_document
 
 
 class HFSource:
@@ -41,7 +41,7 @@ class HFSource:
 
     def _fail(self, e: Exception):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return ValueError(
+        return DataError(
             f"{self.key} = {self.name!r}: could not open it as a {self._describe()}: "
             f"{type(e).__name__}: {first}. Built-in datasets: shakespeare; local files go in "
             f"{self.key.split('.')[0]}.dataset_path; the split is data.split / "

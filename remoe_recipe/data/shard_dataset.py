@@ -8,6 +8,7 @@ from torch.utils.data import IterableDataset
 from torchtitan.tools.logging import logger
 
 from remoe_recipe.data.dataset import check_packing, worker_shard
+from remoe_recipe.data.sources import DataError
 from remoe_recipe.data.shards import TokenShards
 
 
@@ -66,7 +67,7 @@ class PackedShardDataset(IterableDataset, Stateful):
             if not self.infinite and k * L + L + 1 > T:
                 self._next = None  # the next iteration is a new pass
                 if fresh and yielded == 0:
-                    raise ValueError(
+                    raise DataError(
                         f"{self.name}: no sample of {L + 1} tokens for dp rank {self.dp_rank} (of "
                         f"{self.dp_world_size}) and this worker in {T} tokens"
                     )

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from remoe_recipe.data.sources import DataError
+
 FORMAT = "remoe-token-shards"
 VERSION = 1
 INDEX = "index.json"
@@ -94,7 +96,7 @@ class ShardWriter:
         EOS), their lengths and their labels."""
         tokens = np.asarray(tokens)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-            raise ValueError(f"token id out of [0, {self.vocab_size}) while writing {self.out}")
+            raise DataError(f"token id out of [0, {self.vocab_size}) while writing {self.out}")
         pos = 0
         for length, label in zip(map(int, lengths), labels):
             if self._file is None:
@@ -159,14 +161,14 @@ class TokenShards:
         try:
             self.index = index = json.loads(index_file.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{self.where}: {INDEX} is not valid JSON ({e})") from e
+            raise DataError(f"{self.where}: {INDEX} is not valid JSON ({e})") from e
         if index.get("format") != FORMAT or index.get("version") != VERSION:
-            raise ValueError(
+            raise DataError(
                 f"{self.where}: {INDEX} is not a {FORMAT} v{VERSION} index "
                 f"(format {index.get('format')!r}, version {index.get('version')!r})"
             )
         if index.get("dtype") not in ("uint16", "uint32"):
-            raise ValueError(f"{self.where}: dtype {index.get('dtype')!r} is not uint16 or uint32")
+            raise DataError(f"{self.where}: dtype {index.get('dtype')!r} is not uint16 or uint32")
         self.dtype = np.dtype(index["dtype"]).newbyteorder("<")
         tok = index["tokenizer"]
         self.vocab_size, self.eos_id = tok["vocab_size"], tok["eos_id"]
@@ -178,12 +180,12 @@ class TokenShards:
             self._check_shard(s, verify)
         counts = [s["num_tokens"] for s in self.shards]
         if sum(counts) != index["num_tokens"]:
-            raise ValueError(
+            raise DataError(
                 f"{self.where}: shards hold {sum(counts)} tokens, {INDEX} says {index['num_tokens']}"
             )
         self.num_tokens = int(sum(counts))
         if self.num_tokens < 2:
-            raise ValueError(f"{self.where}: {self.num_tokens} tokens (empty source)")
+            raise DataError(f"{self.where}: {self.num_tokens} tokens (empty source)")
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._tokens: dict[int, np.memmap] = {}
         self._docs: dict[int, np.ndarray] = {}
@@ -193,7 +195,7 @@ class TokenShards:
         have = (tokenizer.get_vocab_size(), tokenizer.eos_id, tokenizer_fingerprint(tokenizer))
         want = (tok["vocab_size"], tok["eos_id"], tok.get("fingerprint"))
         if have != want:
-            raise ValueError(
+            raise DataError(
                 f"{self.where}: the shards were tokenized with {tok.get('name')!r} (vocab "
                 f"{want[0]}, EOS {want[1]}, fingerprint {want[2]}), but model.tokenizer_path "
                 f"gives vocab {have[0]}, EOS {have[1]}, fingerprint {have[2]}"
@@ -205,18 +207,18 @@ class TokenShards:
             raise FileNotFoundError(f"{self.where}: shard file {s['tokens']} is missing")
         size = f.stat().st_size
         if size != s["num_tokens"] * self.dtype.itemsize or size != s.get("bytes", size):
-            raise ValueError(
+            raise DataError(
                 f"{self.where}: shard {s['tokens']} has {size} bytes, the index says "
                 f"{s['num_tokens']} {self.dtype.name} tokens ({s['num_tokens'] * self.dtype.itemsize} bytes)"
             )
         if s["num_tokens"]:
             last = np.memmap(f, dtype=self.dtype, mode="r")[-1]
             if last != self.eos_id:
-                raise ValueError(
+                raise DataError(
                     f"{self.where}: shard {s['tokens']} ends with token {int(last)}, not EOS {self.eos_id}"
                 )
         if verify and sha256_file(f) != s["sha256"]:
-            raise ValueError(f"{self.where}: shard {s['tokens']} does not match its sha256 in {INDEX}")
+            raise DataError(f"{self.where}: shard {s['tokens']} does not match its sha256 in {INDEX}")
 
     def __getstate__(self):
         # Memory maps are reopened in each dataloader worker, never pickled as copies.
@@ -240,7 +242,7 @@ class TokenShards:
             pos = (pos + k) % self.num_tokens
         if out.max() >= self.vocab_size:
             bad = int(out.max())
-            raise ValueError(
+            raise DataError(
                 f"{self.where}: token id {bad} near stream position {start % self.num_tokens} is "
                 f">= the vocabulary size {self.vocab_size} (model.tokenizer_path / the shard index)"
             )

@@ -168,7 +168,7 @@ def parquet_documents(path: Path, data: Data, key: str) -> Iterator[dict]:
     names = pf.schema_arrow.names
     text_col = data.text_field.split(".")[0]
     if text_col not in names:
-        raise ValueError(
+        raise DataError(
             f"{key} = {str(path)!r}: no column {text_col!r} (data.text_field = "
             f"{data.text_field!r}); columns are {names}"
         )
@@ -261,11 +261,11 @@ def local_files(path: str, key: str) -> list[Path]:
         # Sorted, recursive: the document order must not depend on the file system.
         files = sorted(f for f in p.rglob("*") if is_text_file(f))
         if not files:
-            raise ValueError(f"{key} = {path!r}: no {'/'.join(TEXT_SUFFIXES)} files in directory")
+            raise DataError(f"{key} = {path!r}: no {'/'.join(TEXT_SUFFIXES)} files in directory")
         return files
     if p.is_file():
         if not p.name.endswith(TEXT_SUFFIXES):
-            raise ValueError(
+            raise DataError(
                 f"{key} = {path!r}: expected a {'/'.join(TEXT_SUFFIXES)} file, a directory or a glob"
             )
         return [p]
@@ -300,7 +300,7 @@ def resolve_source(
             builtin_split = "validation"
         return f"{name.lower()}:{builtin_split}", partial(builtin_documents, builtin_split)
     if not name or name.lower() in TORCHTITAN_NAMES:
-        raise ValueError(
+        raise DataError(
             f"{key} = {name!r}: not a dataset of this recipe; built-in datasets are "
             f"{sorted(BUILTIN_DATASETS)}, Hugging Face datasets go by name (C4: allenai/c4 with "
             f"data.hf_config = 'en'), local files in {section}.dataset_path"
@@ -322,4 +322,4 @@ def check_not_empty(source: Source, key: str, value: str) -> None:
         if hasattr(docs, "close"):
             docs.close()
     if empty:
-        raise ValueError(f"{key} = {value!r}: no documents (empty source)")
+        raise DataError(f"{key} = {value!r}: no documents (empty source)")
