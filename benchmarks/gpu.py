@@ -231,6 +231,8 @@ def expert_parallel_syncs(device, dim, hidden, experts, x, g, dtype) -> dict:
     from torch.distributed.tensor.parallel import parallelize_module
     from torchtitan.distributed.expert_parallel import ExpertParallel
 
+    from remoe_recipe.infra.expert_parallel import TrimmingExpertParallel
+
     if device.type != "cuda":
         return {}
     dist.init_process_group("nccl", rank=0, world_size=1, store=dist.HashStore(), device_id=torch.device("cuda", 0))
@@ -245,7 +247,8 @@ def expert_parallel_syncs(device, dim, hidden, experts, x, g, dtype) -> dict:
         counts = {}
         for name, layer in layers.items():
             layer = layer.to(device, dtype)
-            parallelize_module(layer.experts, mesh, ExpertParallel())
+            style = TrimmingExpertParallel() if isinstance(layer, MoE) else ExpertParallel()
+            parallelize_module(layer.experts, mesh, style)
 
             def fn(layer=layer):
                 xi = x.detach().requires_grad_()

@@ -432,16 +432,21 @@ def ep_mesh():
 
 
 def _expert_parallel(layer, mesh):
+    """The recipe's layers as infra/parallelize.py shards them; torchtitan's as torchtitan does."""
     from torch.distributed.tensor.parallel import parallelize_module
     from torchtitan.distributed.expert_parallel import ExpertParallel
 
-    parallelize_module(layer.experts, mesh, ExpertParallel())
+    from remoe_recipe.infra.expert_parallel import TrimmingExpertParallel
+
+    style = TrimmingExpertParallel() if isinstance(layer, MoE) else ExpertParallel()
+    parallelize_module(layer.experts, mesh, style)
     return layer
 
 
 def test_syncs_under_expert_parallelism(ep_mesh, cpu_permute_twin):
     """The split exchange costs what it costs torchtitan's layer (on CPU its one device-to-host copy
-    shows as two `tolist` of host tensors); TopK adds nothing, ReLU its pair count."""
+    shows as two `tolist` of host tensors), and neither router adds a read: ReLU's pair count comes
+    with the split sizes (the exchange trims a static-size buffer)."""
     reference, _ = count_step(_expert_parallel(_torchtitan_layer(), ep_mesh), _input(), cpu_permute_twin)
     assert reference  # the exchange's split sizes reach the host
     topk_fwd, topk_bwd = count_step(_expert_parallel(_recipe_layer("topk"), ep_mesh), _input(), cpu_permute_twin)
@@ -449,7 +454,7 @@ def test_syncs_under_expert_parallelism(ep_mesh, cpu_permute_twin):
         _expert_parallel(_recipe_layer("relu", pair_chunk_size=0), ep_mesh), _input(), cpu_permute_twin
     )
     assert topk_fwd == reference and topk_bwd == []
-    assert relu_fwd == ["aten._local_scalar_dense.default"] + reference and relu_bwd == []
+    assert relu_fwd == reference and relu_bwd == []
 
 
 def test_dense_start_under_expert_parallelism_recomputes_the_experts(ep_mesh, cpu_permute_twin, small_device):
@@ -520,3 +525,26 @@ def test_compiled_router_keeps_topk_sync_free():
     assert type(layer.router).__name__ == "OptimizedModule"
     fwd, bwd = count_step(layer, _input())
     assert fwd == [] and bwd == []
+
+
+@pytest.mark.parametrize("router", ["relu", "topk"])
+def test_expert_parallel_layer_matches_the_plain_layer(router, ep_mesh, cpu_permute_twin):
+    """The trimmed exchange computes the same layer: output and gradients as without expert parallelism."""
+    from tests.test_model import close
+
+    cpu_permute_twin(SyncCounter())
+    results = []
+    for sharded in (False, True):
+        layer = _recipe_layer(router, align_rows=None, pair_chunk_size=0)
+        if sharded:
+            _expert_parallel(layer, ep_mesh)
+        x = _input()
+        r = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+        y = layer(x)
+        (y * r).sum().backward()
+        grads = [x.grad] + [getattr(p.grad, "full_tensor", lambda g=p.grad: g)() for p in layer.parameters()]
+        results.append((y.detach(), grads))
+    (y0, g0), (y1, g1) = results
+    close(y1, y0)
+    for a, b in zip(g1, g0):
+        close(a, b)

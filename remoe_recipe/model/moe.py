@@ -8,9 +8,10 @@ grouped path always casts to bf16) and to pad expert groups only where the kerne
 
 Host synchronisations (docs/scale-out.md has the measured counts): the number of pairs P sizes every
 buffer. TopK knows it statically (T * k); ReLU routing reads it once per layer forward, right after the
-router, before any expert work is queued. Everything after is static-shaped given P (no `nonzero`, no
-boolean-mask indexing, no host reads), and backward reads nothing: an activation-checkpoint recompute
-reuses the P of its forward.
+router, before any expert work is queued, or under expert parallelism passes a static T * E buffer that
+the exchange trims when it reads its split sizes (infra/expert_parallel.py). Everything after is
+static-shaped (no `nonzero`, no boolean-mask indexing, no host reads), and backward reads nothing: an
+activation-checkpoint recompute reuses the P of its forward.
 
 The combine accumulates the gate-weighted expert outputs in fp32 with `index_add_`: sequential (bitwise
 reproducible) on CPU, and the deterministic sort-based kernel on CUDA under
@@ -101,9 +102,10 @@ class Experts(GroupedExperts):
     grouped_swiglu = staticmethod(_grouped_swiglu)
     # Group row alignment; None: by device (`group_alignment`). Tests set 8 to run the CUDA layout on CPU.
     align_rows: int | None = None
-    # Set by the MoE layer around a call: recompute the SwiGLU in backward instead of keeping its
-    # activations (ReMoE's dense start under expert parallelism, where the layer does not chunk).
-    recompute: bool = False
+    # Set by the MoE layer around a call under expert parallelism, where it does not chunk: given the
+    # rows this rank's experts received, whether to recompute the SwiGLU in backward instead of keeping
+    # its activations (ReMoE's dense start).
+    recompute_if = None
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         if isinstance(self.w1, DTensor):
@@ -118,7 +120,7 @@ class Experts(GroupedExperts):
             # rather than in the fp32 of the residual stream.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         swiglu = self.grouped_swiglu if self.use_grouped_mm else _looped_swiglu
-        if self.recompute:
+        if self.recompute_if is not None and self.recompute_if(x.shape[0]):
             swiglu = functools.partial(checkpoint, swiglu, use_reentrant=False)
         alignment = self.align_rows or group_alignment(x.device)
         if not self.use_grouped_mm or expert_parallel or alignment == 1:
@@ -232,11 +234,14 @@ class MoE(nn.Module):
         kept = num_pairs * pair_bytes(w.shape[2], w.shape[1], itemsize) * self.num_moe_layers
         return chunk_limit(-1, num_pairs, num_tokens, self.top_k, kept, device_memory_bytes(x.device))
 
-    def _weighted_outputs(self, x, gates, token_idx, expert_idx, counts) -> torch.Tensor:
-        """[pairs, D] fp32: each pair's expert output times its gate."""
+    def _weighted_outputs(self, x, gates, token_idx, expert_idx, counts) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token of each pair [P], each pair's expert output times its gate [P, D] fp32)."""
         routed_out = self.experts(x.index_select(0, token_idx), counts)
+        # A trimming exchange returns only the real pairs of a static-size list: its rows are P.
+        num_pairs = routed_out.shape[0]
+        token_idx, expert_idx = token_idx[:num_pairs], expert_idx[:num_pairs]
         weights = gates.flatten().index_select(0, token_idx * self.num_experts + expert_idx)
-        return routed_out.float() * weights.unsqueeze(-1)
+        return token_idx, routed_out.float() * weights.unsqueeze(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -244,27 +249,33 @@ class MoE(nn.Module):
         num_tokens = x.shape[0]
         routing: Routing = self.router(x)
         tokens_per_expert = routing.mask.sum(dim=0)
-        num_pairs = self._num_pairs(routing, tokens_per_expert, num_tokens)
-        # Expert-major list of active pairs: tokens of expert 0, then of expert 1, ... (static size)
-        expert_idx, token_idx = torch.nonzero_static(routing.mask.t(), size=num_pairs).unbind(1)
+        expert_parallel = self._expert_parallel()
+        if expert_parallel and self.router_kind != "topk" and getattr(self.experts, "exchange_trims_rows", False):
+            # The exchange reads the pair count with its split sizes (infra/expert_parallel.py): pass
+            # every pair a token could have, the real ones first, and let it trim. No read here.
+            num_pairs = num_tokens * self.num_experts
+        else:
+            num_pairs = self._num_pairs(routing, tokens_per_expert, num_tokens)
+        # Expert-major list of active pairs: tokens of expert 0, then of expert 1, ... (static size;
+        # past the real pairs, under the exchange's bound, (0, 0) fills that are never sent)
+        expert_idx, token_idx = torch.nonzero_static(routing.mask.t(), size=num_pairs, fill_value=0).unbind(1)
         # The gate-weighted combine sums in fp32. Tokens with no active expert keep a zero row: only
         # the residual carries them.
         out = x.new_zeros(x.shape, dtype=torch.float32)
-        limit = self._chunk_limit(x, num_pairs, num_tokens)
-        if not limit:
-            out.index_add_(0, token_idx, self._weighted_outputs(x, routing.gates, token_idx, expert_idx,
-                                                                tokens_per_expert))
-            self.last_num_chunks = 1
-        elif self._expert_parallel():
-            # Every chunk would be one exchange, and ranks with different pair counts would run
-            # different numbers of them (a collective mismatch): exchange once, and recompute only
-            # the local experts' SwiGLU in backward.
-            self.experts.recompute = True
+        if expert_parallel:
+            # No chunks: every chunk would be one exchange, and ranks with different pair counts would run
+            # different numbers of them (a collective mismatch). The experts decide, from the rows they
+            # received, whether to recompute their SwiGLU in backward instead.
+            self.experts.recompute_if = lambda rows: bool(self._chunk_limit(x, rows, num_tokens))
             try:
-                out.index_add_(0, token_idx, self._weighted_outputs(x, routing.gates, token_idx, expert_idx,
-                                                                    tokens_per_expert))
+                out.index_add_(0, *self._weighted_outputs(x, routing.gates, token_idx, expert_idx,
+                                                          tokens_per_expert))
             finally:
-                self.experts.recompute = False
+                self.experts.recompute_if = None
+            self.last_num_chunks = 1
+        elif not (limit := self._chunk_limit(x, num_pairs, num_tokens)):
+            out.index_add_(0, *self._weighted_outputs(x, routing.gates, token_idx, expert_idx,
+                                                      tokens_per_expert))
             self.last_num_chunks = 1
         else:
             out = self._chunked(out, x, routing.gates, token_idx, expert_idx, tokens_per_expert, limit)
@@ -290,8 +301,8 @@ class MoE(nn.Module):
             # each expert's pairs inside [lo, hi): pairs are expert-major
             counts = ends.clamp(lo, hi) - starts.clamp(lo, hi)
             tok, exp = token_idx[lo:hi], expert_idx[lo:hi]
-            weighted = checkpoint(self._weighted_outputs, x, gates, tok, exp, counts, use_reentrant=False)
-            out = out.index_add(0, tok, weighted)
+            out = out.index_add(0, *checkpoint(self._weighted_outputs, x, gates, tok, exp, counts,
+                                               use_reentrant=False))
             self.last_num_chunks += 1
         return out
 
