@@ -11,6 +11,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from torchtitan.config.job_config import LRScheduler as TorchtitanLRScheduler
+
 from remoe_recipe.data.config import Data
 
 ROUTERS = ("relu", "topk", "dense")
@@ -73,7 +75,7 @@ class LRSchedulerExtras:
 
     warmup_fraction: float | None = None
     """Warmup as a fraction of the schedule's steps (the paper: 0.01, Megatron's --lr-warmup-fraction).
-    When set it replaces lr_scheduler.warmup_steps."""
+    Set it or lr_scheduler.warmup_steps, not both."""
 
 
 @dataclass
@@ -108,8 +110,15 @@ class JobConfig:
 def validate_schedule(config) -> None:
     """The recipe's [optimizer] / [lr_scheduler] keys."""
     fraction = config.lr_scheduler.warmup_fraction
-    if fraction is not None and not 0 < fraction <= 1:
+    if fraction is None:
+        return
+    if not 0 < fraction <= 1:
         raise ConfigError(f"lr_scheduler.warmup_fraction = {fraction}: expected 0 < fraction <= 1")
+    if config.lr_scheduler.warmup_steps != TorchtitanLRScheduler().warmup_steps:
+        raise ConfigError(
+            f"lr_scheduler.warmup_fraction = {fraction} and lr_scheduler.warmup_steps = "
+            f"{config.lr_scheduler.warmup_steps}: set one of them"
+        )
 
 
 class ConfigError(ValueError):

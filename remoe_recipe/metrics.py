@@ -78,6 +78,8 @@ class RoutingMonitor:
             "moe/active_experts_per_token": (1 - sparsity) * N,
             "moe/dead_experts": n_dead,
             "moe/imbalance": max(layer_imbalance),
+            # The least-used expert's share of its fair share (paper Fig. 8 marks < 1/64 as unused).
+            "moe/min_relative_load": min(rel),
         }
         for layer in range(L):
             scalars[f"moe_layers/sparsity/layer_{layer}"] = layer_sparsity[layer]

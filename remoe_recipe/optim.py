@@ -5,8 +5,8 @@
   decays every parameter. The recipe follows Megatron; `optimizer.decay_1d_params = true` restores
   torchtitan's decay-everything.
 - Warmup: the paper warms up over a fraction of the run (`--lr-warmup-fraction 0.01`, 600 of 60k
-  steps, paper §4.1). `lr_scheduler.warmup_fraction` expresses that; when set it replaces
-  `lr_scheduler.warmup_steps`, so a shorter run (the 20k-step ablations of Tables 3-4) keeps the
+  steps, paper §4.1). `lr_scheduler.warmup_fraction` expresses that (instead of
+  `lr_scheduler.warmup_steps`), so a shorter run (the 20k-step ablations of Tables 3-4) keeps the
   paper's 1 %.
 """
 

@@ -103,8 +103,13 @@ def test_warmup_fraction_sets_the_warmup(fraction, steps, expected):
 
 
 def test_warmup_fraction_is_checked():
-    with pytest.raises(ConfigError, match="lr_scheduler.warmup_fraction"):
-        load_config(["--job.config_file", str(CONFIGS / "debug_remoe.toml"), "--lr_scheduler.warmup_fraction", "1.5"])
+    paper = ["--job.config_file", str(CONFIGS / "paper_182M_remoe.toml")]
+    assert load_config(paper, check_data=False).lr_scheduler.warmup_fraction == 0.01
+    with pytest.raises(ConfigError, match="lr_scheduler.warmup_fraction = 1.5"):
+        load_config([*paper, "--lr_scheduler.warmup_fraction", "1.5"], check_data=False)
+    # debug_remoe.toml sets warmup_steps: a fraction as well is ambiguous, not silently preferred.
+    with pytest.raises(ConfigError, match="set one of them"):
+        load_config(["--job.config_file", str(CONFIGS / "debug_remoe.toml"), "--lr_scheduler.warmup_fraction", "0.1"])
 
 
 class _Part:

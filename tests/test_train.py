@@ -11,8 +11,12 @@ from tests.runs import CONFIGS, image_tags, read_scalars, run_training
 STEPS = 60
 ALPHA = 1.2
 TARGET = 1 - 1 / 8  # debug configs: E = 8, k = 1
-# A larger lambda_0 than the paper's 1e-8 so that a 60-step test reaches the sparse stage.
-REMOE_FAST = ["--moe.l1_coeff_init", "1e-3", "--training.steps", str(STEPS), "--lr_scheduler.warmup_steps", "5"]
+# A larger lambda_0 than the paper's 1e-8 and the first version's lr 2e-3 (the debug configs now use the
+# paper's 5e-4) so that a 60-step test of the controller's mechanics reaches the sparse stage.
+REMOE_FAST = [
+    "--moe.l1_coeff_init", "1e-3", "--training.steps", str(STEPS), "--lr_scheduler.warmup_steps", "5",
+    "--optimizer.lr", "2e-3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +87,7 @@ def test_routing_observability_reaches_tensorboard(remoe_run, remoe_dump):
 
 @pytest.mark.parametrize("config", ["debug_topk.toml", "debug_dense.toml"])
 def test_baselines_train(config, tmp_path):
-    run_training(config, tmp_path, "--training.steps", "30", "--lr_scheduler.warmup_steps", "5")
+    run_training(config, tmp_path, "--training.steps", "30", "--lr_scheduler.warmup_steps", "5", "--optimizer.lr", "2e-3")
     scalars = read_scalars(tmp_path)
     loss = _series(scalars, "loss_metrics/global_avg_loss")
     assert _mean(loss[-5:]) < _mean(loss[:5]) - 0.5, loss

@@ -1,6 +1,6 @@
 """Model arguments, the flavors, and parameter / FLOP accounting.
 
-Every flavor is a Llama-3-style decoder as the ReMoE paper trains it (notes §3.1): RMSNorm (eps 1e-5),
+Every flavor is a Llama-3-style decoder as the ReMoE paper trains it (§4.1, Table 1): RMSNorm (eps 1e-5),
 RoPE with theta 1e6, GQA, SwiGLU with ffn = 4 * dim, no biases, untied embeddings, init std 0.01,
 and an MoE (or dense FFN) in every layer. The `[moe]` TOML section chooses the FFN kind.
 """
@@ -189,6 +189,11 @@ def remoe_flavors() -> dict[str, ReMoEModelArgs]:
         # A few seconds per step on a laptop CPU, even in ReMoE's dense stage (all experts active).
         "debugmodel": ReMoEModelArgs(
             dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512, flavor="debugmodel"
+        ),
+        # The paper's shape (GQA, ffn = 4 * dim, head dim 64) at a third of 182M's width and half its
+        # depth: about 4x the debug model's FLOPs per token (docs/training-dynamics.md compares them).
+        "mini": ReMoEModelArgs(
+            dim=256, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=1024, flavor="mini"
         ),
         "182M": _paper(768, 12, 12, "182M"),
         "469M": _paper(1024, 24, 16, "469M"),
