@@ -70,7 +70,6 @@ class ReMoETrainer(Trainer):
         finally:
             self._tensorboard_folder.close()
         self.progress = Progress(job_config.training.steps)
-        self.validated_step = 0
         if not has_accelerator():
             # torchtitan divides by an A100's peak on CPU; use the stated CPU peak, or report no MFU.
             peak = job_config.metrics.cpu_peak_flops

@@ -102,21 +102,24 @@ def test_baselines_train(config, tmp_path):
 
 
 def test_resume_continues_the_run_exactly(tmp_path):
-    """Stop after step 6, start the same command again: steps 7..12 equal the uninterrupted run."""
+    """Stop after step 9, start the same command again: steps 10..12 equal the uninterrupted run."""
     common = [
         "--checkpoint.enable", "--checkpoint.interval", "3", "--lr_scheduler.total_steps", "12",
         "--lr_scheduler.warmup_steps", "3", "--moe.l1_coeff_init", "1e-2",
     ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_training("debug_remoe.toml", straight, *common, "--training.steps", "12")
-    run_training("debug_remoe.toml", resumed, *common, "--training.steps", "6")
+    run_training("debug_remoe.toml", resumed, *common, "--training.steps", "9")
     run_training("debug_remoe.toml", resumed, *common, "--training.steps", "12")
     a, b = read_scalars(straight), read_scalars(resumed)
     for tag in ("loss_metrics/global_avg_loss", "remoe/l1_coeff", "remoe/sparsity", "remoe/l1_loss", "lr", "remoe/stage"):
         for step in range(1, 13):
             assert b[tag][step] == pytest.approx(a[tag][step], rel=1e-6, abs=1e-9), (tag, step)
-    # The stage tracker is in the checkpoint: the settling step after the resume is the original one.
-    assert b.get("remoe/settling_step") == a.get("remoe/settling_step")
+    # The stage tracker is in the checkpoint: after the resume the settling step is still the original
+    # one (it must fall before the stop for this to test anything).
+    settling = set(a["remoe/settling_step"].values())
+    assert len(settling) == 1 and min(settling) <= 9, settling
+    assert b["remoe/settling_step"] == a["remoe/settling_step"]
 
 
 @pytest.mark.slow
