@@ -3,6 +3,8 @@
 import logging
 import re
 
+import pytest
+
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from remoe_recipe.preflight import load_config
@@ -20,31 +22,56 @@ def _texts(log_dir):
     return tags
 
 
-def test_a_short_run_tells_its_story(tmp_path):
+@pytest.fixture(scope="module")
+def story(tmp_path_factory):
+    """One short run for this file: validation every 4 of 14 steps; lambda_0 = 10 with lr 3e-3 drives layers of
+    the debug model to 100 % sparsity within ~10 steps (the issue's dead-routing case); alerts after 3 steps."""
+    dump = tmp_path_factory.mktemp("story")
     proc = run_training(
-        "debug_remoe.toml", tmp_path, "--training.steps", "5", "--metrics.log_freq", "2",
+        "debug_remoe.toml", dump, "--training.steps", "14", "--moe.l1_coeff_init", "10", "--optimizer.lr", "3e-3",
         "--validation.enable", "--validation.freq", "4", "--validation.steps", "2", "--validation.seq_len", "64",
-        "--moe.l1_coeff_multiplier", "1.5",
+        "--metrics.routing_alert_steps", "3",
     )
-    out = proc.stdout + proc.stderr
+    return dump, proc.stdout + proc.stderr, read_scalars(dump)
+
+
+def test_a_short_run_tells_its_story(story):
+    dump, out, scalars = story
     lines = [line.split(" - ", 3)[-1] for line in out.splitlines() if line.startswith("[titan]")]
-    assert lines[0].startswith("Run: config ") and "5 steps" in lines[0]
+    assert lines[0].startswith("Run: config ") and "14 steps" in lines[0]
     assert lines[1].startswith("Data: training 'shakespeare', validation 'shakespeare', tokenizer 'builtin'")
     assert lines[2] == "Parallel layout: 1 rank: dp_shard=1"
-    assert re.search(r"step 4/5 \(80 %\), ETA 0:\d\d:\d\d", out)
+    assert re.search(r"step 12/14 \(86 %\), ETA 0:\d\d:\d\d", out)
     for noise in KNOWN_NOISE:
         assert noise not in out, noise
     assert "CPU autocast" not in out and "set_vital" not in out
     assert "mfu: nan%" in out  # no A100 peak on CPU
-    # Validation every 4 steps, and once more at the last step (5), not only at 4.
-    scalars = read_scalars(tmp_path)
-    assert sorted(scalars["validation_metrics/loss"]) == [1, 4, 5]
+    # Validation every 4 steps, and once more at the last step (14), which 4 does not divide.
+    assert sorted(scalars["validation_metrics/loss"]) == [1, 4, 8, 12, 14]
     # The resolved config, overrides included, is saved as TOML and as TensorBoard text.
-    saved = load_config(["--job.config_file", str(tmp_path / "config.toml")])
-    assert saved.moe.l1_coeff_multiplier == 1.5 and saved.training.steps == 5 and saved.training.seq_len == 64
-    assert "l1_coeff_multiplier = 1.5" in _texts(tmp_path)["config/text_summary"]
-    [folder] = [p.name for p in (tmp_path / "tb").iterdir()]
+    saved = load_config(["--job.config_file", str(dump / "config.toml")])
+    assert saved.moe.l1_coeff_init == 10 and saved.training.steps == 14 and saved.training.seq_len == 64
+    assert "l1_coeff_init = 10" in _texts(dump)["config/text_summary"]
+    [folder] = [p.name for p in (dump / "tb").iterdir()]
     assert re.fullmatch(r"\d{8}-\d{6}", folder)  # this run's own folder, named to the second
+
+
+def test_unhealthy_layers_are_flagged_and_named_as_the_runs_own_metrics_show(story):
+    """A layer is unhealthy at step s exactly when the logged per-layer metrics show more than half of its 8
+    experts dead, or no active gate, at steps s - 2, s - 1 and s (routing_alert_steps 3, dead_expert_share 0.5)."""
+    _, out, scalars = story
+    named = set()
+    for layer in range(4):
+        dead = scalars[f"moe_layers/dead_experts/layer_{layer}"]
+        sparse = scalars[f"moe_layers/sparsity/layer_{layer}"]
+        sick = {s: dead[s] > 4 or sparse[s] == 1.0 for s in dead}
+        flags = scalars[f"moe_layers/unhealthy/layer_{layer}"]
+        for step in range(3, 15):
+            assert flags[step] == float(sick[step - 2] and sick[step - 1] and sick[step]), (layer, step)
+            if flags[step] and not flags.get(step - 1):
+                named.add(layer)
+                assert f"step {step}: MoE layer {layer} has" in out, (layer, step)
+    assert named, "no layer was unhealthy: the test needs a sparser run"
 
 
 def test_only_rank_zero_logs_unless_asked(monkeypatch):
