@@ -9,6 +9,7 @@ import dataclasses
 import glob
 import importlib
 import os
+import tomllib
 import typing
 
 from torchtitan.config import ConfigManager, JobConfig
@@ -36,10 +37,6 @@ def config_file(argv: list[str]) -> str | None:
 
 def check_toml_keys(path: str, config_cls) -> None:
     """torchtitan reports unknown TOML keys with a multi-line message naming a class; name the key."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
     if not os.path.isfile(path):
         raise ConfigError(f"--job.config_file {path}: no such file")
     try:
