@@ -7,6 +7,7 @@ import shutil
 import struct
 
 import pytest
+import torch
 
 from remoe_recipe.infra.checkpoint_layout import CheckpointError, check_resume, read_metadata, read_saved_values
 from tests.runs import run_training
@@ -108,3 +109,27 @@ def test_silently_corrupted_optimizer_state_is_caught_on_load(saved_run, tmp_pat
     assert "NaN/inf" in error and "--checkpoint.load_step N (saved: 2)" in error
     assert "step:" not in out
     assert _digests(dump / "checkpoint") == before
+
+
+def test_another_expert_count_is_refused_naming_both_sides(saved_run):
+    """The shape check that runs before any weight is read (one process; the multi-rank cases are in
+    tests/test_parallel.py)."""
+    import copy
+
+    from remoe_recipe.config import ConfigError, MoE
+    from remoe_recipe.infra.checkpoint_layout import check_checkpoint_fits
+    from remoe_recipe.infra.layout import check_layout
+    from remoe_recipe.model import ReMoETransformer, remoe_flavors
+    from remoe_recipe.preflight import load_config
+
+    config = load_config(["--job.config_file", str(saved_run / "config.toml"), "--moe.num_experts", "16"])
+    args = copy.deepcopy(remoe_flavors()["debugmodel"])
+    args.moe, args.vocab_size, args.max_seq_len = MoE(num_experts=16), 4096, 64
+    with torch.device("meta"):
+        model = ReMoETransformer(args)
+    path = str(saved_run / "checkpoint" / "step-4")
+    with pytest.raises(ConfigError) as info:
+        check_checkpoint_fits(model, path, check_layout(config, 1))
+    message = str(info.value)
+    assert path in message and "layers.0.moe.experts.w1 is [8, " in message and "[16, " in message
+    assert "a new job.dump_folder" in message

@@ -199,5 +199,6 @@ def check_checkpoint_fits(model: nn.Module, path: str, layout: Layout) -> None:
     raise ConfigError(
         f"checkpoint {path} ({saved}) cannot be loaded by {current}: "
         f"{'; '.join(problems[:3])}{more}. The expert count (moe.num_experts x moe.granularity), "
-        "expert width and model.flavor must match the saved run; the parallel layout may differ"
+        "expert width and model.flavor must match the saved run (its config.toml has them); the parallel layout "
+        "may differ. Use the saved run's options, or a new job.dump_folder to start over"
     )
