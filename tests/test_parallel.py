@@ -373,7 +373,7 @@ def _one_process_loss(weights: dict, overrides: list[str], world: int) -> float:
     from remoe_recipe.model import ReMoETransformer, remoe_flavors
     from remoe_recipe.preflight import load_config
 
-    config = load_config(["--job.config_file", str(CONFIGS / "debug_remoe.toml"), *overrides])
+    config = load_config(["--job.config_file", str(CONFIGS / "debug_remoe.toml"), *overrides, "--validation.no-enable"])
     args = remoe_flavors()["debugmodel"]
     args.update_from_config(config)
     model = ReMoETransformer(args)
@@ -488,7 +488,7 @@ def test_two_nodes_train_one_run_with_hsdp_and_ep(tmp_path):
     launch("debug_remoe.toml", ref_dump, *RUN, "--training.global_batch_size", "8", reference_ranks=4)
     dump = tmp_path / "run"
     cmd = ["scripts/multinode_local.sh", str(CONFIGS / "debug_remoe.toml"),
-           "--job.dump_folder", str(dump), *RUN, *four]
+           "--job.dump_folder", str(dump), *RUN, *four, "--metrics.log_all_ranks"]  # each node's log is read
     env = dict(os.environ, LOG_DIR=str(tmp_path / "logs"), NPROC_PER_NODE="2")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
