@@ -42,6 +42,18 @@ def interleaved_times(
     return times
 
 
+def forward_backward(module, x) -> Callable[[], None]:
+    """One timed call: forward, backward of a ones gradient, gradients cleared."""
+
+    def fn():
+        out = module(x)
+        out.backward(torch.ones_like(out))
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+
+    return fn
+
+
 def ratio(numerator: list[float], denominator: list[float]) -> dict[str, float]:
     """Median, min and max of the per-round ratios (rounds are paired by index)."""
     per_round = [a / b for a, b in zip(numerator, denominator)]

@@ -13,7 +13,7 @@ median of per-round ratios with [min, max].
 
 import torch
 
-from benchmarks.common import fmt_ratio, interleaved_times, median, print_table, ratio
+from benchmarks.common import fmt_ratio, forward_backward, interleaved_times, median, print_table, ratio
 from benchmarks.moe_layer import DIM, FFN, calibrated_layer
 from remoe_recipe.model.model import FeedForward
 from remoe_recipe.model.moe import MoE, _grouped_swiglu
@@ -33,15 +33,6 @@ def torchtitan_twin(layer: MoE):
         for w in ("w1", "w2", "w3"):
             getattr(twin.experts, w).copy_(getattr(layer.experts, w))
     return twin.to(layer.experts.w1.device)
-
-
-def _step(module, x):
-    def fn():
-        out = module(x)
-        out.backward(torch.ones_like(out))
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-    return fn
 
 
 def run(device, quick: bool = False) -> dict:
@@ -69,7 +60,9 @@ def run(device, quick: bool = False) -> dict:
         with torch.no_grad():
             agree = ((recipe(x) - twin(x)).abs().max() / twin(x).abs().max()).item()
         xr, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
-        t = interleaved_times({"recipe": _step(recipe, xr), "torchtitan": _step(twin, xt)}, device, 2, rounds)
+        t = interleaved_times(
+            {"recipe": forward_backward(recipe, xr), "torchtitan": forward_backward(twin, xt)}, device, 2, rounds
+        )
         vs_torchtitan = {
             "tokens": tokens, "output_max_rel_diff": agree,
             "seconds": {k: median(v) for k, v in t.items()},
@@ -81,7 +74,9 @@ def run(device, quick: bool = False) -> dict:
         with torch.no_grad():
             dense.init_weights(0.02, 0.02 / 5)
         xd = xm.detach().clone().requires_grad_()
-        t2 = interleaved_times({"moe": _step(moe, xm), "dense": _step(dense, xd)}, device, 1, rounds)
+        t2 = interleaved_times(
+            {"moe": forward_backward(moe, xm), "dense": forward_backward(dense, xd)}, device, 1, rounds
+        )
         with torch.no_grad():
             pairs = int(moe.router(xm.reshape(-1, DIM)).mask.sum())
         moe_flops, dense_flops = 6 * pairs * 3 * DIM * FFN, 6 * tokens * 3 * DIM * FFN

@@ -15,7 +15,9 @@ import time
 
 import torch
 
-from benchmarks.common import fmt_ratio, interleaved_times, median, print_table, ratio, synchronize
+from benchmarks.common import (
+    fmt_ratio, forward_backward, interleaved_times, median, print_table, ratio, synchronize,
+)
 from remoe_recipe.model.model import FeedForward
 from remoe_recipe.model.moe import MoE
 
@@ -89,16 +91,8 @@ def run(device, quick: bool = False) -> dict:
             layers = {impl: calibrated_layer(e, g, impl, tokens, device) for impl in ("grouped_mm", "loop")}
             x_dense = layers["grouped_mm"][1].detach().clone().requires_grad_()
 
-            def step(module, x):
-                def fn():
-                    out = module(x)
-                    out.backward(torch.ones_like(out))
-                    module.zero_grad(set_to_none=True)
-                    x.grad = None
-                return fn
-
-            variants = {"dense": step(dense, x_dense)}
-            variants.update({impl: step(m, x) for impl, (m, x) in layers.items()})
+            variants = {"dense": forward_backward(dense, x_dense)}
+            variants.update({impl: forward_backward(m, x) for impl, (m, x) in layers.items()})
             times = interleaved_times(variants, device, warmup=1, rounds=3)
             moe, x = layers["grouped_mm"]
             with torch.no_grad():

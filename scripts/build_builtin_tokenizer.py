@@ -29,20 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILTIN = ROOT / "remoe_recipe/data/builtin"
 sys.path.insert(0, str(ROOT))
 from remoe_recipe.data.tokenizer import ENDOFTEXT, GPT2_PAT_STR  # noqa: E402
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, which ByteLevel vocabularies are written in."""
-    bs = list(range(ord("!"), ord("~") + 1))
-    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+from remoe_recipe.hf.tokenizer import bytes_to_unicode  # noqa: E402
 
 
 def read_docs(corpus: Path, split: str) -> list[str]:
