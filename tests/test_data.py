@@ -16,10 +16,10 @@ from remoe_recipe.data import (
     build_validation_dataloader,
     load_tokenizer,
     PackedTextDataset,
-    padded_vocab_size,
     resolve_source,
 )
 from remoe_recipe.data.sources import BUILTIN_CORPUS
+from remoe_recipe.model import padded_vocab_size
 from remoe_recipe.data.tokenizer import BUILTIN_TOKENIZER, read_tiktoken_ranks
 
 EOT = "<|endoftext|>"

@@ -15,7 +15,6 @@ from remoe_recipe.data.sources import BUILTIN_DATASETS, resolve_source
 from remoe_recipe.data.tokenizer import (
     build_tiktoken_tokenizer,
     load_tokenizer,
-    padded_vocab_size,
     TiktokenTokenizer,
 )
 
@@ -33,6 +32,5 @@ __all__ = [
     "build_tiktoken_tokenizer",
     "build_validation_dataloader",
     "load_tokenizer",
-    "padded_vocab_size",
     "resolve_source",
 ]

@@ -117,8 +117,3 @@ def load_tokenizer(spec: str | None = "builtin") -> TiktokenTokenizer:
 def build_tiktoken_tokenizer(job_config) -> TiktokenTokenizer:
     """torchtitan TrainSpec.build_tokenizer_fn: `model.tokenizer_path`, default "builtin"."""
     return load_tokenizer(getattr(job_config.model, "tokenizer_path", None) or "builtin")
-
-
-def padded_vocab_size(n_vocab: int, multiple: int = 1024) -> int:
-    """Embedding rows: n_vocab rounded up to a multiple (GPT-2: 50257 -> 51200)."""
-    return -(-n_vocab // multiple) * multiple
