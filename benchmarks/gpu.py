@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import fmt_ratio, ratio
-from remoe_recipe.config import MoE as MoEConfig
+from remoe_recipe.config import MoEConfig
 from remoe_recipe.model import ReMoETransformer, remoe_flavors
 from remoe_recipe.model.moe import MoE
 from remoe_recipe.router_loss import RouterLossWrapper

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import fmt_ratio, interleaved_times, median, peak_memory_bytes, print_table, ratio
-from remoe_recipe.config import MoE
+from remoe_recipe.config import MoEConfig
 from remoe_recipe.data import load_tokenizer
 from remoe_recipe.model import ReMoETransformer, remoe_flavors
 from remoe_recipe.router_loss import RouterLossWrapper
@@ -25,7 +25,7 @@ class Trainee:
 
     def __init__(self, router: str, flavor: str, vocab: int, seq_len: int, device, l1_init: float):
         args = copy.deepcopy(remoe_flavors()[flavor])
-        args.vocab_size, args.max_seq_len, args.moe = vocab, seq_len, MoE(router=router)
+        args.vocab_size, args.max_seq_len, args.moe = vocab, seq_len, MoEConfig(router=router)
         torch.manual_seed(0)
         self.model = ReMoETransformer(args).to(device)
         with torch.no_grad():

@@ -20,7 +20,7 @@ EXPERT_IMPLS = ("grouped_mm", "loop")
 
 
 @dataclass
-class MoE:
+class MoEConfig:
     router: Literal["relu", "topk", "dense"] = "relu"
     """'relu': ReMoE (ReLU gates + adaptive L1). 'topk': softmax-then-TopK baseline with a
     load-balancing loss. 'dense': no experts, one SwiGLU FFN of width ffn_expansion * ffn."""
@@ -100,7 +100,7 @@ class MetricsExtras:
 
 @dataclass
 class JobConfig:
-    moe: MoE = field(default_factory=MoE)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     data: Data = field(default_factory=Data)
     optimizer: OptimizerExtras = field(default_factory=OptimizerExtras)
     lr_scheduler: LRSchedulerExtras = field(default_factory=LRSchedulerExtras)
@@ -136,7 +136,7 @@ def _check_type(key: str, value, expected: type) -> None:
         )
 
 
-def validate_moe(moe: MoE) -> None:
+def validate_moe(moe: MoEConfig) -> None:
     """Raise ConfigError naming the `moe.*` key for any invalid value."""
     for name, expected in (
         ("num_experts", int),

@@ -23,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from remoe_recipe.config import MoE
+from remoe_recipe.config import MoEConfig
 from remoe_recipe.data.tokenizer import TiktokenTokenizer, load_tokenizer
 from remoe_recipe.model import ReMoEModelArgs, ReMoETransformer, remoe_flavors
 
@@ -113,8 +113,8 @@ def model_args_from_job(job: dict, tokenizer: TiktokenTokenizer) -> ReMoEModelAr
             f"model with a flavor in {sorted(flavors)}"
         )
     args = flavors[model["flavor"]]
-    known = {f.name for f in dataclasses.fields(MoE)}
-    moe = MoE(**{k: v for k, v in job.get("moe", {}).items() if k in known})
+    known = {f.name for f in dataclasses.fields(MoEConfig)}
+    moe = MoEConfig(**{k: v for k, v in job.get("moe", {}).items() if k in known})
     namespace = SimpleNamespace(moe=moe, training=SimpleNamespace(seq_len=job["training"]["seq_len"]))
     args.update_from_config(namespace, tokenizer_vocab_size=tokenizer.get_vocab_size())
     return args

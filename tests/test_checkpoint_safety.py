@@ -116,7 +116,7 @@ def test_another_expert_count_is_refused_naming_both_sides(saved_run):
     tests/test_parallel.py)."""
     import copy
 
-    from remoe_recipe.config import ConfigError, MoE
+    from remoe_recipe.config import ConfigError, MoEConfig
     from remoe_recipe.infra.checkpoint_layout import check_checkpoint_fits
     from remoe_recipe.infra.layout import check_layout
     from remoe_recipe.model import ReMoETransformer, remoe_flavors
@@ -124,7 +124,7 @@ def test_another_expert_count_is_refused_naming_both_sides(saved_run):
 
     config = load_config(["--job.config_file", str(saved_run / "config.toml"), "--moe.num_experts", "16"])
     args = copy.deepcopy(remoe_flavors()["debugmodel"])
-    args.moe, args.vocab_size, args.max_seq_len = MoE(num_experts=16), 4096, 64
+    args.moe, args.vocab_size, args.max_seq_len = MoEConfig(num_experts=16), 4096, 64
     with torch.device("meta"):
         model = ReMoETransformer(args)
     path = str(saved_run / "checkpoint" / "step-4")

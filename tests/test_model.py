@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from remoe_recipe.config import ConfigError, MoE as MoEConfig, validate_moe
+from remoe_recipe.config import ConfigError, MoEConfig, validate_moe
 from remoe_recipe.model import MoE, ReMoEModelArgs, ReMoETransformer, remoe_flavors
 from remoe_recipe.model.router import ReLURouter, TopKRouter
 

@@ -489,7 +489,7 @@ def test_dense_start_under_expert_parallelism_recomputes_the_experts(ep_mesh, cp
 
 @pytest.mark.parametrize("value", [-2, 1.5, True, "auto"])
 def test_validate_rejects_pair_chunk_size(value):
-    from remoe_recipe.config import ConfigError, MoE as MoEConfig, validate_moe
+    from remoe_recipe.config import ConfigError, MoEConfig, validate_moe
 
     with pytest.raises(ConfigError, match=r"moe\.pair_chunk_size"):
         validate_moe(MoEConfig(pair_chunk_size=value))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from remoe_recipe.config import ConfigError, MoE
+from remoe_recipe.config import ConfigError, MoEConfig
 from remoe_recipe.model import ReMoEModelArgs, ReMoETransformer
 from remoe_recipe.model.moe import RouterRecord
 from remoe_recipe.optim import build_remoe_lr_schedulers, build_remoe_optimizers
@@ -23,7 +23,7 @@ LR, WD = 1e-2, 0.1
 def _model(router="relu") -> nn.Module:
     torch.manual_seed(0)
     args = ReMoEModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=64,
-                          moe=MoE(router=router, num_experts=4))
+                          moe=MoEConfig(router=router, num_experts=4))
     model = ReMoETransformer(args)
     model.init_weights()
     return model

@@ -233,7 +233,7 @@ def test_op_sac_with_ep_stops_the_entry_point_before_training(tmp_path):
 
 
 def _small_model(router: str):
-    from remoe_recipe.config import MoE as MoEConfig
+    from remoe_recipe.config import MoEConfig
     from remoe_recipe.model import ReMoETransformer, remoe_flavors
 
     args = remoe_flavors()["debugmodel"]

@@ -64,12 +64,12 @@ def test_show_config_keys_and_resolved(capsys):
     import dataclasses
     import tomllib
 
-    from remoe_recipe.config import MoE
+    from remoe_recipe.config import MoEConfig
     from remoe_recipe.show_config import main
 
     main(["keys"])
     keys = capsys.readouterr().out
-    for f in dataclasses.fields(MoE):
+    for f in dataclasses.fields(MoEConfig):
         assert f"\n{f.name} = " in "\n" + keys, f.name
     assert "lambda_0 of the adaptive L1 penalty" in keys
 

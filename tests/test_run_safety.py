@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from remoe_recipe.config import ConfigError
 from remoe_recipe.finiteness import describe_non_finite
-from remoe_recipe.config import MoE as MoEConfig
+from remoe_recipe.config import MoEConfig
 from remoe_recipe.model import ReMoEModelArgs, ReMoETransformer
 from remoe_recipe.routing_stats import StepRoutingStats
 from remoe_recipe.run_folder import LOCK_NAME, RunLock

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from torchtitan.protocols.model import BaseModelArgs
 
-from remoe_recipe.config import ConfigError, MoE, validate_moe
+from remoe_recipe.config import ConfigError, MoEConfig, validate_moe
 
 VOCAB_MULTIPLE = 1024
 
@@ -54,7 +54,7 @@ class ReMoEModelArgs(BaseModelArgs):
     rope_theta: float = 1e6
     init_std: float = 0.01
     max_seq_len: int = 1024
-    moe: MoE = field(default_factory=MoE)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     flavor: str = ""
 
     # ---- derived shapes -------------------------------------------------------------------
