@@ -77,7 +77,9 @@ def assess(name: str, scalars: dict[str, dict[int, float]], target: float | None
     tail_lambda, both_ways, penalty_ratio = None, False, None
     if relu:
         if target is None:
-            raise ValueError(f"{name}: a ReLU run needs its target sparsity (1 - k/E)")
+            raise ValueError(
+                f"{name}: a ReLU run needs its target sparsity 1 - k/E (no config.toml in the run folder: give --target)"
+            )
         if "remoe/settling_step" in scalars:
             settling = int(min(scalars["remoe/settling_step"].values()))
         lam = _tail(scalars["remoe/l1_coeff"], tail_start)
@@ -112,7 +114,8 @@ def _mark(ok: bool | None) -> str:
 
 def format_table(rows: list[Health]) -> str:
     head = ("run", "steps", "settled at", "tail sparsity mean [min, max]", "at target", "tail λ [min, max]",
-            "penalty / LM loss", "λ engaged", "starved windows", "no starved", "tail imbalance", "tail per-layer sparsity")
+            "penalty / LM loss", "λ engaged", "starved windows", "no starved", "tail imbalance",
+            "tail per-layer sparsity")
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for h in rows:
         mean, low, high = h.tail_sparsity
@@ -121,7 +124,8 @@ def format_table(rows: list[Health]) -> str:
             h.name, str(h.steps), "-" if h.settling_step is None else str(h.settling_step),
             f"{mean:.3f} [{low:.3f}, {high:.3f}]", _mark(h.sparsity_at_target), lam,
             "-" if h.tail_penalty_ratio is None else f"{h.tail_penalty_ratio:.1e}", _mark(h.controller_engaged),
-            "-" if h.starved_share is None else f"{100 * h.starved_share:.0f} %", _mark(h.no_starved_experts), f"{h.tail_imbalance:.2f}",
+            "-" if h.starved_share is None else f"{100 * h.starved_share:.0f} %", _mark(h.no_starved_experts),
+            f"{h.tail_imbalance:.2f}",
             " ".join(f"{s:.2f}" for s in h.tail_layer_sparsity),
         ]) + " |")
     return "\n".join(lines)
