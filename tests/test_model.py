@@ -3,7 +3,7 @@ and the [moe] config validation.
 
 Every expectation is computed independently of the code under test: the paper's formulas written
 out with explicit Python loops, naive token-by-token references built from the layers' own weights,
-and the paper's published parameter / FLOP numbers (notes §1 and §3).
+and the paper's published parameter / FLOP numbers (§3, §4.1 and Table 1).
 """
 
 import copy
@@ -372,7 +372,7 @@ def test_moe_gradients_grouped_loop_and_reference_agree(router):
 @pytest.mark.parametrize("use_grouped_mm", [True, False], ids=["grouped_mm", "loop"])
 @pytest.mark.parametrize("how", ["zero_router", "negative_router"])
 def test_moe_layer_with_no_active_gate(how, use_grouped_mm):
-    """A fully sparse layer (notes §5.4 issue #6): forward and backward work, the output is zero."""
+    """A fully sparse layer (thu-ml/ReMoE issue #6): forward and backward work, the output is zero."""
     torch.manual_seed(7)
     moe = MoE(D, H, N, 1, "relu", load_balance=True, use_grouped_mm=use_grouped_mm)
     moe.init_weights(0.3, 0.3)
@@ -532,7 +532,7 @@ def test_plain_checkpoint_of_one_block_records_once():
 
 
 # ------------------------------------------------------------------------------------------------
-# 6. Parameter counts against the paper (notes §3.1)
+# 6. Parameter counts against the paper (Table 1, §4.1)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -562,7 +562,7 @@ def test_param_counts_match_paper(flavor):
         # consistent with its 5991.9 -> "5991" GFLOPs)
         assert math.floor(relu / 1e7) == round(moe_paper / 1e7), relu
         assert abs(relu - moe_paper) < 0.01e9
-    # notes §3.1: MoE total = dense + (E - 1) * one layer-stack of FFNs + routers
+    # Paper Table 1: MoE total = dense + (E - 1) * one layer-stack of FFNs + routers
     d, L = remoe_flavors()[flavor].dim, remoe_flavors()[flavor].n_layers
     assert relu - dense == (8 - 1) * L * 3 * d * 4 * d + L * d * 8
 
