@@ -83,3 +83,16 @@ def image_tags(log_dir: Path) -> set[str]:
                 if v.HasField("image") or v.metadata.plugin_data.plugin_name == "images"
             )
     return tags
+
+
+def one_line_error(capsys, main, *argv) -> str:
+    """Run an entry point's main() that must stop with exit status 2 and one line on stderr; that line."""
+    import pytest
+
+    capsys.readouterr()  # drop what the setup printed
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]

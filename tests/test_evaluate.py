@@ -23,7 +23,7 @@ from remoe_recipe.evaluate import main as evaluate_main  # noqa: E402
 from remoe_recipe.export import export  # noqa: E402
 from remoe_recipe.load_checkpoint import load_trained_model  # noqa: E402
 from tests.checkpoints import make_run, tree_snapshot  # noqa: E402
-from tests.runs import read_scalars  # noqa: E402
+from tests.runs import one_line_error, read_scalars  # noqa: E402
 
 LOGLIK_ATOL = 1e-4  # fp32; batched + padded vs one sequence at a time (measured ~1e-6)
 WORDS = "king queen lord lady sword crown night day love death heart blood fire war peace".split()
@@ -162,13 +162,7 @@ def test_exported_folder_through_lm_eval_hf_model_gives_same_loglikelihoods(eval
 
 
 def _error(capsys, *argv) -> str:
-    capsys.readouterr()  # drop what the setup printed
-    with pytest.raises(SystemExit) as exit_info:
-        evaluate_main([str(a) for a in argv])
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
+    return one_line_error(capsys, evaluate_main, *argv)
 
 
 def test_bad_input_one_line(evaluated, capsys):

@@ -22,7 +22,7 @@ from remoe_recipe.hf.convert import ReMoEStateDictAdapter, from_hf, to_hf
 from remoe_recipe.hf.tokenizer import bytes_to_unicode
 from remoe_recipe.load_checkpoint import load_trained_model
 from tests.checkpoints import make_run, tree_snapshot
-from tests.runs import CONFIGS, run_training
+from tests.runs import CONFIGS, one_line_error, run_training
 
 transformers = pytest.importorskip("transformers")
 
@@ -134,13 +134,7 @@ def test_exported_tokenizer_encodes_like_tiktoken(tmp_path, monkeypatch, which):
 
 
 def _export_error(capsys, *argv) -> str:
-    capsys.readouterr()  # drop what the setup printed
-    with pytest.raises(SystemExit) as exit_info:
-        export_main([str(a) for a in argv])
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
+    return one_line_error(capsys, export_main, *argv)
 
 
 def test_bad_input_one_line_and_checkpoint_untouched(tmp_path, capsys):
