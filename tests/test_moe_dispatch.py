@@ -11,7 +11,6 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchtitan.models.moe.utils as tt_moe_utils
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchtitan.models.moe.moe import MoE as TorchtitanMoE, MoEArgs
@@ -305,18 +304,24 @@ def test_seeded_step_gives_bitwise_identical_gradients(router):
     assert all(torch.equal(a, b) for a, b in zip(first, third))
 
 
+class _RecordDtypes(TorchDispatchMode):
+    """Appends the dtypes of the given arguments of every op whose name starts with `prefix` to `seen`."""
+
+    def __init__(self, prefix: str, arg_indices: tuple[int, ...], seen: list):
+        super().__init__()
+        self.prefix, self.arg_indices, self.seen = prefix, arg_indices, seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.prefix):
+            self.seen.append(tuple(args[i].dtype for i in self.arg_indices))
+        return func(*args, **(kwargs or {}))
+
+
 def test_combine_accumulates_in_fp32_with_bf16_activations():
     layer = _recipe_layer("relu", align_rows=None, pair_chunk_size=0).to(torch.bfloat16)
     seen = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if str(func).startswith("aten.index_add"):
-                seen.append((args[0].dtype, args[3].dtype))
-            return func(*args, **(kwargs or {}))
-
     x = _input(torch.bfloat16)
-    with Record():
+    with _RecordDtypes("aten.index_add", (0, 3), seen):
         y = layer(x)
     assert y.dtype == torch.bfloat16
     assert seen == [(torch.float32, torch.float32)]  # one combine, accumulator and addends in fp32
@@ -502,15 +507,8 @@ def test_experts_run_in_the_autocast_dtype():
     GEMMs must run in bf16, as torchtitan's grouped path does, not in the residual stream's fp32."""
     layer = _recipe_layer("topk", align_rows=None)
     seen = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if str(func).startswith("aten._grouped_mm"):
-                seen.append((args[0].dtype, args[1].dtype))
-            return func(*args, **(kwargs or {}))
-
     x = _input()
-    with torch.autocast("cpu", dtype=torch.bfloat16), Record():
+    with torch.autocast("cpu", dtype=torch.bfloat16), _RecordDtypes("aten._grouped_mm", (0, 1), seen):
         y = layer(x)
     assert seen and all(d == (torch.bfloat16, torch.bfloat16) for d in seen)
     assert y.dtype == torch.float32  # the layer returns the residual stream's dtype
