@@ -11,6 +11,23 @@ from collections.abc import Callable
 
 import torch
 
+from remoe_recipe.config import MoEConfig
+from remoe_recipe.model.args import ReMoEModelArgs
+from remoe_recipe.model.moe import MoE
+from remoe_recipe.routers import build_router
+
+
+def build_moe_layer(
+    router: str, dim: int, ffn_dim: int, num_experts: int, top_k: int = 1, granularity: int = 1,
+    use_grouped_mm: bool = True,
+):
+    """One MoE layer with the registered router `router` (remoe_recipe.routers), built as the model
+    builds its blocks: E * G experts of width ffn / G, k * G per token, the [moe] defaults otherwise."""
+    args = ReMoEModelArgs(dim=dim, ffn_dim=ffn_dim, moe=MoEConfig(
+        router=router, num_experts=num_experts, top_k=top_k, granularity=granularity,
+    ))
+    return MoE(dim, args.expert_dim, build_router(router, args), use_grouped_mm)
+
 
 def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -32,15 +32,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import fmt_ratio, ratio
+from benchmarks.common import build_moe_layer, fmt_ratio, ratio
 from remoe_recipe.config import MoEConfig
 from remoe_recipe.model import ReMoETransformer, remoe_flavors
 from remoe_recipe.model.moe import MoE
 from remoe_recipe.router_loss import RouterLossWrapper
+from remoe_recipe.routers import get_router
 from remoe_recipe.routing_stats import StepRoutingStats
-from remoe_recipe.sparsity import L1CoefficientController
 
 START = time.perf_counter()
+# The routers this benchmark measures, by the names its results use.
+LABELS = {"topk": "topk", "relu": "remoe"}
 
 
 def log(msg: str) -> None:
@@ -90,14 +92,15 @@ class Model:
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=0.0, weight_decay=0.01, fused=device.type == "cuda"
         )
-        self.args, self.device, self.shifts = args, device, []
+        self.args, self.device, self.shifts, self.steps = args, device, [], 0
         self.stats = StepRoutingStats(args.n_layers, args.num_routed_experts, device)
-        self.l1 = L1CoefficientController(1e-8, 1.2, args.target_sparsity, device) if router == "relu" else None
-        coeff = (lambda: self.l1.coeff) if self.l1 else (lambda: 1e-2)
+        # The router's objective with the [moe] defaults, as remoe_recipe.train builds it (ReMoE: the
+        # adaptive lambda from 1e-8; TopK: aux_loss_coeff 1e-2).
+        self.objective = get_router(router).objective(args, device)
         lm = lambda pred, labels: F.cross_entropy(  # noqa: E731
             pred.flatten(0, 1).float(), labels.flatten(), reduction="sum"
         )
-        self.loss_fn = RouterLossWrapper(lm, [self.model], coeff, router == "relu", self.stats)
+        self.loss_fn = RouterLossWrapper(lm, [self.model], self.objective, self.stats)
 
     def moe_layers(self):
         return [b.moe for b in self.model.layers.values() if b.moe_enabled]
@@ -132,8 +135,8 @@ class Model:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         reduced = self.stats.reduce(None)
-        if self.l1 is not None:
-            self.l1.update(reduced.sparsity)
+        self.steps += 1
+        self.objective.after_step(self.steps, reduced)  # device-only, as in remoe_recipe.train
         self.last = reduced
 
 
@@ -154,7 +157,7 @@ def train_step(device, dry: bool, compile_blocks: bool, budget_s: float) -> dict
     results = {}
     cases = [("topk", ""), ("relu", "stage3"), ("relu", "dense_start"), ("relu", "dense_start_chunked")]
     for router, stage in cases:
-        name = f"{'remoe' if router == 'relu' else 'topk'}{'_' + stage if stage else ''}"
+        name = f"{LABELS[router]}{'_' + stage if stage else ''}"
         name += "_compiled" if compile_blocks else ""
         if time.perf_counter() - START > budget_s:
             log(f"skip {name}: time budget")
@@ -241,7 +244,7 @@ def expert_parallel_syncs(device, dim, hidden, experts, x, g, dtype) -> dict:
         layers = {}
         for router in ("topk", "relu"):
             torch.manual_seed(0)
-            layers[f"recipe_{router}"] = MoE(dim, hidden, experts, 1, router, True, True)
+            layers[f"recipe_{router}"] = build_moe_layer(router, dim, hidden, experts)
             layers[f"recipe_{router}"].init_weights(0.02, 0.02 / 5)
         layers["torchtitan"] = _torchtitan_twin(layers["recipe_topk"], dim, hidden)
         counts = {}
@@ -264,7 +267,7 @@ def moe_layer(device, dry: bool) -> dict:
     dim, hidden, experts, tokens = (64, 128, 8, 512) if dry else (768, 3072, 8, 16384)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    ours = MoE(dim, hidden, experts, 1, "topk", True, True)
+    ours = build_moe_layer("topk", dim, hidden, experts)
     ours.init_weights(0.02, 0.02 / 5)
     twin = _torchtitan_twin(ours, dim, hidden)
     ours, twin = ours.to(device, dtype), twin.to(device, dtype)
@@ -298,7 +301,7 @@ def moe_layer(device, dry: bool) -> dict:
             fns[k]()
             sync(device)
             times[k].append(time.perf_counter() - t)
-    relu = MoE(dim, hidden, experts, 1, "relu", True, True)
+    relu = build_moe_layer("relu", dim, hidden, experts)
     relu.init_weights(0.02, 0.02 / 5)
     relu = relu.to(device, dtype)
     syncs = {k: count_syncs(fn) for k, fn in {**fns, "recipe_relu": run(relu)}.items()}

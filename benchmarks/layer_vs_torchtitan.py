@@ -13,7 +13,9 @@ median of per-round ratios with [min, max].
 
 import torch
 
-from benchmarks.common import fmt_ratio, forward_backward, interleaved_times, median, print_table, ratio
+from benchmarks.common import (
+    build_moe_layer, fmt_ratio, forward_backward, interleaved_times, median, print_table, ratio,
+)
 from benchmarks.moe_layer import DIM, FFN, calibrated_layer
 from remoe_recipe.model.model import FeedForward
 from remoe_recipe.model.moe import MoE, _grouped_swiglu
@@ -52,7 +54,7 @@ def run(device, quick: bool = False) -> dict:
         torch.histc = lambda t, **kw: saved[1](t.float(), **kw).to(t.dtype)
     try:
         torch.manual_seed(0)
-        recipe = MoE(DIM, FFN, 8, 1, "topk", True, True).to(device)
+        recipe = build_moe_layer("topk", DIM, FFN, 8, 1).to(device)
         with torch.no_grad():
             recipe.init_weights(0.02, 0.02 / 5)
         twin = torchtitan_twin(recipe)

@@ -16,7 +16,7 @@ import time
 import torch
 
 from benchmarks.common import (
-    fmt_ratio, forward_backward, interleaved_times, median, print_table, ratio, synchronize,
+    build_moe_layer, fmt_ratio, forward_backward, interleaved_times, median, print_table, ratio, synchronize,
 )
 from remoe_recipe.model.model import FeedForward
 from remoe_recipe.model.moe import MoE
@@ -25,9 +25,8 @@ DIM, FFN = 768, 3072
 
 
 def calibrated_layer(num_experts: int, granularity: int, impl: str, tokens: int, device, top_k: int = 1):
-    n = num_experts * granularity
     torch.manual_seed(0)
-    moe = MoE(DIM, FFN // granularity, n, top_k * granularity, "relu", True, impl == "grouped_mm").to(device)
+    moe = build_moe_layer("relu", DIM, FFN, num_experts, top_k, granularity, impl == "grouped_mm").to(device)
     with torch.no_grad():
         moe.init_weights(0.02, 0.02 / 5)
     x = torch.randn(tokens, DIM, device=device)

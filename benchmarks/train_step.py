@@ -16,33 +16,34 @@ from remoe_recipe.config import MoEConfig
 from remoe_recipe.data import load_tokenizer
 from remoe_recipe.model import ReMoETransformer, remoe_flavors
 from remoe_recipe.router_loss import RouterLossWrapper
+from remoe_recipe.routers import get_router
 from remoe_recipe.routing_stats import StepRoutingStats
-from remoe_recipe.sparsity import L1CoefficientController
 
 
 class Trainee:
     """A model with its optimizer and router loss, stepping like remoe_recipe.train does."""
 
     def __init__(self, router: str, flavor: str, vocab: int, seq_len: int, device, l1_init: float):
+        spec = get_router(router)
+        # lambda_0 only where the router reads it: the config check refuses keys set for another router.
+        extra = {"l1_coeff_init": l1_init} if "l1_coeff_init" in spec.config_keys else {}
         args = copy.deepcopy(remoe_flavors()[flavor])
-        args.vocab_size, args.max_seq_len, args.moe = vocab, seq_len, MoEConfig(router=router)
+        args.vocab_size, args.max_seq_len, args.moe = vocab, seq_len, MoEConfig(router=router, **extra)
         torch.manual_seed(0)
         self.model = ReMoETransformer(args).to(device)
         with torch.no_grad():
             self.model.init_weights()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
-        self.args, self.stats, self.l1 = args, None, None
+        self.args, self.stats, self.steps = args, None, 0
+        # The router's objective, as remoe_recipe.train builds it: ReMoE's adaptive lambda, TopK's aux loss.
+        self.objective = spec.objective(args, device)
         self.loss_fn = lambda pred, labels: F.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(), reduction="sum")
         if args.is_moe:
             self.stats = StepRoutingStats(args.n_layers, args.num_routed_experts, device)
-            if router == "relu":
-                self.l1 = L1CoefficientController(l1_init, 1.2, args.target_sparsity, device)
-                coeff = lambda: self.l1.coeff  # noqa: E731
-            else:
-                coeff = lambda: 1e-2  # noqa: E731
-            self.loss_fn = RouterLossWrapper(self.loss_fn, [self.model], coeff, router == "relu", self.stats)
+            self.loss_fn = RouterLossWrapper(self.loss_fn, [self.model], self.objective, self.stats)
 
-    def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> float | None:
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """One training step; the step's sparsity (a device tensor), None without experts."""
         if self.stats is not None:
             self.stats.reset()
         loss = self.loss_fn(self.model(inputs), labels) / labels.numel()
@@ -50,11 +51,12 @@ class Trainee:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        if self.l1 is not None:
-            sparsity = self.stats.reduce(None).sparsity
-            self.l1.update(sparsity)
-            return sparsity
-        return None
+        self.steps += 1
+        if self.stats is None:
+            return None
+        reduced = self.stats.reduce(None)
+        self.objective.after_step(self.steps, reduced)
+        return reduced.sparsity
 
 
 def run(device, quick: bool = False) -> dict:
@@ -89,7 +91,7 @@ def run(device, quick: bool = False) -> dict:
         def fn():
             s = trainees[name].step(*batches[cursor[name] % len(batches)])
             cursor[name] += 1
-            if s is not None:
+            if name == "relu":  # ReMoE's sparsity while timed (TopK's is fixed at 1 - k/E)
                 sparsities.append(float(s))
         return fn
 
