@@ -1,5 +1,5 @@
 """Helpers for tests that run the real entry point (`python -m remoe_recipe.train` / torchrun)
-in a subprocess and read back what it wrote to TensorBoard."""
+in a subprocess and read back what it wrote to TensorBoard (scalars: remoe_recipe.analysis.runs.read_run)."""
 
 import glob
 import os
@@ -45,31 +45,6 @@ def run_training(
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
-
-
-def read_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
-    """All scalars under log_dir (every event file, later files win), as {tag: {step: value}}."""
-    scalars: dict[str, dict[int, float]] = {}
-    files = sorted(glob.glob(str(log_dir / "**" / "events.out.tfevents.*"), recursive=True), key=os.path.getmtime)
-    for path in files:
-        # Raw events: TensorBoard's EventAccumulator silently purges some of them.
-        for event in EventFileLoader(path).Load():
-            for value in event.summary.value:
-                if value.metadata.plugin_data.plugin_name == "images":
-                    continue
-                number = value.simple_value if value.HasField("simple_value") else _tensor_value(value)
-                if number is not None:
-                    scalars.setdefault(value.tag, {})[event.step] = number
-    return scalars
-
-
-def _tensor_value(value) -> float | None:
-    from tensorboard.util import tensor_util
-
-    if not value.HasField("tensor"):
-        return None
-    array = tensor_util.make_ndarray(value.tensor)
-    return float(array) if array.size == 1 and array.dtype.kind in "fiub" else None  # not text summaries
 
 
 def image_tags(log_dir: Path) -> set[str]:

@@ -368,6 +368,24 @@ def test_exact_resume_across_epochs_and_ranks(tok, tmp_path, workers):
         assert_same_batches(take(resumed, 12), expected)
 
 
+def test_a_state_in_the_checkpoint_format_resumes(tok, tmp_path):
+    """Existing checkpoints hold these keys: a state written by hand in that format resumes at its
+    document, its leftover tokens first."""
+    texts = [f"doc {i} " + "word " * i for i in range(6)]
+    _, source = resolve_source("x", write_jsonl(tmp_path / "d.jsonl", texts), "training")
+    ds = PackedTextDataset(source, tok, seq_len=4)
+    next(iter(ds))
+    assert set(ds.state_dict()) == {"doc_idx", "epoch", "token_buffer"}
+    labelled = PackedTextDataset(source, tok, seq_len=4, return_source=True)
+    assert set(labelled.state_dict()) == {"doc_idx", "epoch", "token_buffer", "segments"}
+    leftover = [7, 8, 9]
+    ds = PackedTextDataset(source, tok, seq_len=4)
+    ds.load_state_dict({"doc_idx": 3, "epoch": 1, "token_buffer": leftover})
+    stream = leftover + packed_stream(tok, texts[3:])
+    x, y = next(iter(ds))
+    assert x["input"].tolist() == stream[:4] and y.tolist() == stream[1:5]
+
+
 def test_resume_of_validation_pass(tok):
     jc = job_config("validation", seq_len=128, batch=4)
     loader = build_validation_dataloader(1, 0, tok, jc)

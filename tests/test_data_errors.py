@@ -10,7 +10,8 @@ import pytest
 from remoe_recipe.config import ConfigError
 from remoe_recipe.data.config import Data
 from remoe_recipe.data.dataset import PackedTextDataset
-from remoe_recipe.data.sources import DataError, files_documents, jsonl_documents
+from remoe_recipe.data.documents import DataError
+from remoe_recipe.data.files import files_documents, jsonl_documents
 from remoe_recipe.data.tokenizer import load_tokenizer
 from remoe_recipe.preflight import load_config
 from tests.runs import CONFIGS, run_training
@@ -63,9 +64,63 @@ def test_skipping_bad_records_counts_them_and_keeps_indices(tmp_path, caplog):
 def test_binary_file_is_named_not_a_bare_unicode_error(tmp_path):
     path = tmp_path / "image.txt"
     path.write_bytes(bytes(range(256)) * 4)
-    # Byte 10 is a newline, so byte 0x80 (offset 128) is column 128 - 11 + 1 = 118 of line 2.
-    with pytest.raises(DataError, match=r"image\.txt'?: line 2 is not UTF-8 text \(byte 0x80 at column 118\)"):
+    # Bytes 10 (\n) and 13 (a lone \r) end lines, as in datasets' text reader (Python's universal
+    # newlines), so byte 0x80 (offset 128) is column 128 - 14 + 1 = 115 of line 3.
+    with pytest.raises(DataError, match=r"image\.txt'?: line 3 is not UTF-8 text \(byte 0x80 at column 115\)"):
         list(files_documents([path], Data(), KEY))
+
+
+def _zstd(raw: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(raw)
+
+
+@pytest.mark.parametrize("name, compress", [("d.jsonl", bytes), ("d.jsonl.gz", gzip.compress), ("d.jsonl.zst", _zstd)])
+def test_bad_line_after_many_good_ones_is_skipped_in_place(tmp_path, monkeypatch, caplog, name, compress):
+    """datasets' text reader stops at a byte that is not UTF-8, after it has delivered the lines before
+    it; the file is then read on from the next line, so each good document comes once, in order. Line
+    numbers count a lone \r as a line end (as that reader does), before and after the switch."""
+    from remoe_recipe.data import files
+
+    # Small chunks and batches: the reader delivers lines before it reaches the bad one.
+    monkeypatch.setattr(files, "TEXT_CHUNK_CHARS", 512)
+    monkeypatch.setattr(files, "BATCH_ROWS", 4)
+    resumed_after = []
+    scan = files.scan_lines
+    monkeypatch.setattr(files, "scan_lines", lambda *a, after: resumed_after.append(after) or scan(*a, after=after))
+    texts = [f"doc {i} " + "to be or not to be " * 20 for i in range(60)]
+    lines = [json.dumps({"text": t}).encode() for t in texts]
+    lines[3] += b"\r"  # a CRLF line end
+    lines[5] += b"\r" + json.dumps({"text": "extra"}).encode()  # a lone \r: "extra" is line 7
+    lines[49] = b'{"text": "caf\xe9"}'  # Latin-1, not UTF-8: line 51
+    lines[55] = b"not json"  # line 57
+    (tmp_path / name).write_bytes(compress(b"\n".join(lines) + b"\n"))
+    expected = texts[:6] + ["extra"] + texts[6:49] + texts[50:55] + texts[56:]
+
+    caplog.set_level(logging.WARNING)
+    docs = list(files_documents([tmp_path / name], Data(skip_bad_records=True), KEY))
+    assert [d["text"] for d in docs] == expected
+    assert resumed_after and resumed_after[0] > 7  # the reader had delivered lines (past the \r) first
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 2
+    assert "line 51 is not UTF-8 text (byte 0xe9 at column 14)" in skipped[0]
+    assert "line 57 is not JSON" in skipped[1] and "(2 bad record(s)" in skipped[1]
+    # Resuming at document 50 (after the bad line) gives the same documents.
+    assert list(files_documents([tmp_path / name], Data(skip_bad_records=True), KEY, start=50)) == docs[50:]
+    # Without skipping: the documents before it, then one line naming it.
+    docs = files_documents([tmp_path / name], Data(), KEY)
+    assert [next(docs)["text"] for _ in range(50)] == expected[:50]
+    with pytest.raises(DataError, match=rf"{name}'?: line 51 is not UTF-8 text \(byte 0xe9 at column 14\)"):
+        next(docs)
+
+
+@pytest.mark.parametrize("name, compress", [("d.jsonl.gz", gzip.compress), ("d.jsonl.zst", _zstd)])
+def test_corrupt_compressed_file_is_named(tmp_path, name, compress):
+    raw = compress(b"".join(json.dumps({"text": f"doc {i}"}).encode() + b"\n" for i in range(2000)))
+    (tmp_path / name).write_bytes(raw[:4] + b"garbage" + raw[11:])  # the magic number, then no valid frame
+    with pytest.raises(DataError, match=rf"{name}'?: cannot be read \(\w+: "):
+        list(files_documents([tmp_path / name], Data(), KEY))
 
 
 def test_training_run_stops_at_a_bad_line_in_one_line(tmp_path):
@@ -114,7 +169,8 @@ def test_short_corpus_warns_once_instead_of_an_epoch_line_per_step(caplog):
 
 
 def test_a_dataset_that_is_not_one_is_one_line_from_the_entry_point(tmp_path, capsys):
-    """Raised while the trainer builds its dataloader (after the process group): one line, exit 2."""
+    """Refused by the config checks, before any process group: one line, exit 2. (A bad record found
+    while training, after the process group, is one line too: test_training_run_stops_at_a_bad_line...)"""
     from remoe_recipe import train
 
     argv = ["--job.config_file", str(CONFIGS / "debug_remoe.toml"), "--job.dump_folder", str(tmp_path),
@@ -124,5 +180,5 @@ def test_a_dataset_that_is_not_one_is_one_line_from_the_entry_point(tmp_path, ca
     assert info.value.code == 2
     out = capsys.readouterr()
     [error] = [line.split(" - ERROR - ", 1)[1] for line in out.out.splitlines() if " - ERROR - " in line]
-    assert error.startswith("data error: training.dataset = 'c4_test': not a dataset of this recipe")
+    assert error.startswith("config error: training.dataset = 'c4_test': not a dataset of this recipe")
     assert "Traceback" not in out.out + out.err

@@ -227,6 +227,15 @@ def test_exact_resume_from_shards(shard_dir, tok, workers):
         assert same_batches(take(resumed, 30), expected)
 
 
+def test_a_state_in_the_checkpoint_format_resumes(shard_dir, stream, tok):
+    """Existing checkpoints hold {"next_sample": k}: a state written by hand resumes at sample k."""
+    ds = PackedShardDataset(TokenShards(shard_dir, "x", tokenizer=tok), seq_len=8)
+    assert ds.state_dict() == {"next_sample": None}
+    ds.load_state_dict({"next_sample": 5})
+    x, y = next(iter(ds))
+    assert x["input"].tolist() == stream[40:48] and y.tolist() == stream[41:49]
+
+
 # ---------------------------------------------------------------- a folder that does not match
 
 
@@ -292,7 +301,8 @@ def test_index_of_another_format(shard_dir, tok, tmp_path):
 def test_training_run_reads_shards_and_logs_validation_loss(shard_dir, corpus_file, tmp_path):
     """The real entry point: training batches from the shard folder, validation from a jsonl file
     named by validation.dataset_path with a custom [data] text field, loss in TensorBoard."""
-    from tests.runs import read_scalars, run_training
+    from remoe_recipe.analysis.runs import read_run
+    from tests.runs import run_training
 
     val = tmp_path / "val.jsonl"
     val.write_text("".join(json.dumps({"body": json.loads(line)["text"]}) + "\n" for line in corpus_file.read_text().splitlines()))
@@ -302,7 +312,7 @@ def test_training_run_reads_shards_and_logs_validation_loss(shard_dir, corpus_fi
         "--validation.enable", "--validation.dataset_path", str(val), "--validation.freq", "2",
         "--validation.steps", "2", "--validation.seq_len", "64", "--data.text_field", "body",
     )
-    scalars = read_scalars(tmp_path / "run")
+    scalars = read_run(tmp_path / "run")
     assert sorted(scalars["validation_metrics/loss"]) == [1, 2, 4]  # torchtitan: step 1 and every freq
     assert all(0 < v < 20 for v in scalars["validation_metrics/loss"].values())
     assert len(scalars["loss_metrics/global_avg_loss"]) == 4

@@ -19,8 +19,9 @@ def tok():
 
 
 @pytest.fixture(autouse=True)
-def hf_offline(monkeypatch, tmp_path):
-    """No Hub access here: Hugging Face offline mode, and a private datasets cache."""
+def hf_offline(monkeypatch, tmp_path_factory):
+    """No Hub access here: Hugging Face offline mode, and a private datasets cache (outside tmp_path:
+    datasets writes lock files there, which a test's data folder must not hold)."""
     import datasets.config
     import huggingface_hub.constants
 
@@ -28,7 +29,7 @@ def hf_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_cache"))
 
 
 def job_config(section="training", seq_len=16, batch=2, dataset="shakespeare", path=None, workers=0, **data):
@@ -169,6 +170,14 @@ def test_parquet_source_with_fields(tmp_path):
         resolve_source("x", str(tmp_path / "a.parquet"), "training")
 
 
+def test_txt_blocks_across_line_end_styles(tmp_path):
+    # Windows (\r\n) and old Mac (\r) line ends read like \n ones; whitespace-only lines separate blocks.
+    (tmp_path / "w.txt").write_bytes(b"first\r\nblock\r\n \t\r\nsecond\rblock\r\r\r\nthird  \n")
+    _, source = resolve_source("x", str(tmp_path / "w.txt"), "training")
+    assert [d["text"] for d in source()] == ["first\nblock", "second\nblock", "third  "]
+    assert [d["text"] for d in source(start=2)] == ["third  "]
+
+
 def test_glob_source(tmp_path):
     write_jsonl(tmp_path / "b" / "2.jsonl", [{"text": "second"}])
     write_jsonl(tmp_path / "a" / "1.jsonl", [{"text": "first"}])
@@ -182,7 +191,7 @@ def test_glob_source(tmp_path):
 
 
 def test_jsonl_zst(tmp_path):
-    zstandard = pytest.importorskip("zstandard")
+    import zstandard  # a dependency of the recipe: no skip
     rows = pile_rows(3)
     raw = "".join(json.dumps(r) + "\n" for r in rows).encode()
     (tmp_path / "00.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
@@ -243,7 +252,8 @@ def test_data_section_in_toml(tmp_path):
         '[training]\ndataset = "monology/pile-uncopyrighted"\n'
         '[data]\ntext_field = "content"\nstreaming = false\nmix = ["0.7 ./a", "0.3 hf:allenai/c4"]\n'
     )
-    cfg = load_config(["--job.config_file", str(toml), "--data.label_field", "domain"])
+    # check_data=False: the mix's paths need not exist to test how the section is parsed.
+    cfg = load_config(["--job.config_file", str(toml), "--data.label_field", "domain"], check_data=False)
     assert cfg.data == Data(text_field="content", label_field="domain", streaming=False, mix=["0.7 ./a", "0.3 hf:allenai/c4"])
     assert load_config(["--job.config_file", str(toml), "--data.mix", "1 x,2 y"]).data.mix == ["1 x", "2 y"]
     toml.write_text('[model]\nname = "remoe"\nflavor = "debugmodel"\n[data]\nstreaming = "yes"\n')

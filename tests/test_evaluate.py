@@ -18,12 +18,13 @@ lm_eval = pytest.importorskip("lm_eval")
 import lm_eval.tasks  # noqa: E402
 import lm_eval.utils  # noqa: E402
 
+from remoe_recipe.analysis.runs import read_run  # noqa: E402
 from remoe_recipe.data.tokenizer import load_tokenizer  # noqa: E402
 from remoe_recipe.evaluate import main as evaluate_main  # noqa: E402
 from remoe_recipe.export import export  # noqa: E402
 from remoe_recipe.load_checkpoint import load_trained_model  # noqa: E402
 from tests.checkpoints import make_run, tree_snapshot  # noqa: E402
-from tests.runs import one_line_error, read_scalars  # noqa: E402
+from tests.runs import one_line_error  # noqa: E402
 
 LOGLIK_ATOL = 1e-4  # fp32; batched + padded vs one sequence at a time (measured ~1e-6)
 WORDS = "king queen lord lady sword crown night day love death heart blood fire war peace".split()
@@ -140,7 +141,7 @@ def test_last_word_accuracy_and_perplexity_match_naive_computation(evaluated):
 
 def test_results_written_to_run_folder_and_tensorboard(evaluated):
     tmp, _, _, record = evaluated
-    scalars = read_scalars(tmp / "run" / "tb" / "eval")
+    scalars = read_run(tmp / "run" / "tb" / "eval")
     assert scalars["eval/arc_easy"] == {3: pytest.approx(record["results"]["arc_easy"]["acc,none"])}
     assert scalars["eval/lambada_openai"] == {3: pytest.approx(record["results"]["lambada_openai"]["acc,none"])}
 

@@ -32,8 +32,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from remoe_recipe.analysis.runs import read_run
 from remoe_recipe.config import ConfigError
-from tests.runs import CONFIGS, REPO, read_scalars
+from tests.runs import CONFIGS, REPO
 
 STEPS = 10
 DP = 2  # data-parallel ranks of the 2-process layouts (expert parallelism borrows them)
@@ -86,7 +87,7 @@ def launch(config: str, dump: Path, *overrides: str, nproc: int = 1, reference_r
 
 
 def per_rank(dump: Path) -> list[dict]:
-    return [read_scalars(d) for d in sorted(dump.glob("tb/*/rank_*"))]
+    return [read_run(d) for d in sorted(dump.glob("tb/*/rank_*"))]
 
 
 def model_weights(dump: Path, step: int) -> dict[str, torch.Tensor]:
@@ -329,7 +330,7 @@ def test_recompilation_counter_sees_a_static_shape_recompile():
 def test_layout_trains_the_one_process_run(runs, router, layout):
     ref_dump = runs.get(router, "reference")
     dump = runs.get(router, layout)
-    ref = read_scalars(ref_dump)
+    ref = read_run(ref_dump)
     run = assert_ranks_agree(dump, DP)
     diffs = assert_curves_match(run, ref, range(1, STEPS + 1), f"{router} {layout}")
     assert len(run["loss_metrics/global_avg_loss"]) == STEPS
@@ -360,7 +361,7 @@ def test_ep2_checkpoint_resumes_at_ep1_and_continues_the_curve(runs, tmp_path):
     assert "Loading the checkpoint from" in proc.stdout + proc.stderr
     resumed = assert_ranks_agree(tmp_path, DP)
     assert sorted(resumed["loss_metrics/global_avg_loss"]) == list(range(6, STEPS + 1))
-    diffs = assert_curves_match(resumed, read_scalars(ref_dump), range(6, STEPS + 1), "resumed at EP=1")
+    diffs = assert_curves_match(resumed, read_run(ref_dump), range(6, STEPS + 1), "resumed at EP=1")
     diffs["params_rel"] = assert_weights_match(tmp_path, ref_dump, STEPS, "resumed at EP=1")
     MEASURED["resume EP=2 -> EP=1"] = {k: f"{v:.2g}" for k, v in diffs.items()}
 
@@ -407,7 +408,7 @@ def test_ep2_checkpoint_resumes_at_ep4_on_4_ranks_and_trains(runs, tmp_path):
     assert sorted(loss) == list(range(6, STEPS + 1))
     expected = _one_process_loss(model_weights(saved, 5), RUN[:4], 4)  # seq_len 64, local batch 2
     assert loss[6] == pytest.approx(expected, rel=LOSS_RTOL)
-    saved_lambda = read_scalars(saved)["remoe/l1_coeff"]
+    saved_lambda = read_run(saved)["remoe/l1_coeff"]
     assert run["remoe/l1_coeff"][6] == pytest.approx(saved_lambda[6], rel=1e-6)  # lambda came back too
     assert loss[STEPS] < loss[6]
     MEASURED["resume EP=2 -> EP=4 first loss"] = f"{loss[6]:.6f} vs one process {expected:.6f}"
@@ -497,7 +498,7 @@ def test_two_nodes_train_one_run_with_hsdp_and_ep(tmp_path):
         assert "Parallel layout: 4 ranks: dp_shard=2 x dp_replicate=2; experts ep=2 x efsdp=1" in log
         assert "Applied HSDP" in log and f"step: {STEPS}" in log
     run = assert_ranks_agree(dump, 4)
-    diffs = assert_curves_match(run, read_scalars(ref_dump), range(1, STEPS + 1), "two nodes")
+    diffs = assert_curves_match(run, read_run(ref_dump), range(1, STEPS + 1), "two nodes")
     diffs["params_rel"] = assert_weights_match(dump, ref_dump, STEPS, "two nodes")
     MEASURED["two nodes x 2 ranks (relu, HSDP 2x2, EP=2)"] = {k: f"{v:.2g}" for k, v in diffs.items()}
 

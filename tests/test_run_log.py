@@ -7,9 +7,10 @@ import pytest
 
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+from remoe_recipe.analysis.runs import read_run
 from remoe_recipe.preflight import load_config
 from remoe_recipe.run_log import KNOWN_NOISE, rank_zero_only
-from tests.runs import read_scalars, run_training
+from tests.runs import run_training
 
 
 def _texts(log_dir):
@@ -32,7 +33,7 @@ def story(tmp_path_factory):
         "--validation.enable", "--validation.freq", "4", "--validation.steps", "2", "--validation.seq_len", "64",
         "--metrics.routing_alert_steps", "3",
     )
-    return dump, proc.stdout + proc.stderr, read_scalars(dump)
+    return dump, proc.stdout + proc.stderr, read_run(dump)
 
 
 def test_a_short_run_tells_its_story(story):

@@ -6,7 +6,8 @@ import subprocess
 
 import pytest
 
-from tests.runs import FAST, REPO, read_scalars
+from remoe_recipe.analysis.runs import read_run
+from tests.runs import FAST, REPO
 
 SCRIPTS = ["scripts/train.sh", "scripts/train_multinode.sh", "scripts/slurm.sbatch"]
 
@@ -56,4 +57,4 @@ def test_train_script_runs_on_cpu(tmp_path):
         env=dict(os.environ, NGPU="0"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(read_scalars(tmp_path)["loss_metrics/global_avg_loss"]) == [1, 2, 3]
+    assert sorted(read_run(tmp_path)["loss_metrics/global_avg_loss"]) == [1, 2, 3]

@@ -4,9 +4,10 @@ import math
 
 import pytest
 
+from remoe_recipe.analysis.runs import read_run
 from remoe_recipe.config import ConfigError
 from remoe_recipe.preflight import load_config
-from tests.runs import CONFIGS, image_tags, read_scalars, run_training
+from tests.runs import CONFIGS, image_tags, run_training
 
 STEPS = 60
 ALPHA = 1.2
@@ -28,7 +29,7 @@ def remoe_dump(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def remoe_run(remoe_dump):
-    return read_scalars(remoe_dump)
+    return read_run(remoe_dump)
 
 
 def _series(scalars, tag):
@@ -88,7 +89,7 @@ def test_routing_observability_reaches_tensorboard(remoe_run, remoe_dump):
 @pytest.mark.parametrize("config", ["debug_topk.toml", "debug_dense.toml"])
 def test_baselines_train(config, tmp_path):
     run_training(config, tmp_path, "--training.steps", "30", "--lr_scheduler.warmup_steps", "5", "--optimizer.lr", "2e-3")
-    scalars = read_scalars(tmp_path)
+    scalars = read_run(tmp_path)
     loss = _series(scalars, "loss_metrics/global_avg_loss")
     assert _mean(loss[-5:]) < _mean(loss[:5]) - 0.5, loss
     assert not any(tag.startswith("remoe/") for tag in scalars)
@@ -111,7 +112,7 @@ def test_resume_continues_the_run_exactly(tmp_path):
     run_training("debug_remoe.toml", straight, *common, "--training.steps", "12")
     run_training("debug_remoe.toml", resumed, *common, "--training.steps", "9")
     run_training("debug_remoe.toml", resumed, *common, "--training.steps", "12")
-    a, b = read_scalars(straight), read_scalars(resumed)
+    a, b = read_run(straight), read_run(resumed)
     for tag in ("loss_metrics/global_avg_loss", "remoe/l1_coeff", "remoe/sparsity", "remoe/l1_loss", "lr", "remoe/stage"):
         for step in range(1, 13):
             assert b[tag][step] == pytest.approx(a[tag][step], rel=1e-6, abs=1e-9), (tag, step)
@@ -129,7 +130,7 @@ def test_two_ranks_with_gradient_accumulation_share_lambda(tmp_path):
         "debug_remoe.toml", tmp_path, "--training.steps", "8", "--training.global_batch_size", "16",
         "--metrics.save_for_all_ranks", "--moe.l1_coeff_init", "1e-2", nproc=2,
     )
-    ranks = [read_scalars(d) for d in sorted(tmp_path.glob("tb/*/rank_*"))]
+    ranks = [read_run(d) for d in sorted(tmp_path.glob("tb/*/rank_*"))]
     assert len(ranks) == 2
     for tag in ("remoe/l1_coeff", "remoe/sparsity", "loss_metrics/global_avg_loss"):
         assert ranks[0][tag] == ranks[1][tag], tag

@@ -28,21 +28,33 @@ PANELS = [
 
 
 def read_run(run_dir: Path) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} from every event file under run_dir (later files win)."""
+    """{tag: {step: value}} of every scalar in every event file under run_dir (files in the order they
+    were written: a later file's value for a step wins, as after a resume)."""
     files = sorted(glob.glob(str(run_dir / "**" / "events.out.tfevents.*"), recursive=True), key=os.path.getmtime)
     if not files:
         raise FileNotFoundError(f"{run_dir}: no TensorBoard event files (enable [metrics] enable_tensorboard)")
     scalars: dict[str, dict[int, float]] = {}
     for path in files:
+        # Raw events: TensorBoard's EventAccumulator keeps a sample per tag and purges steps after a restart.
         for event in EventFileLoader(path).Load():
             for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    scalars.setdefault(value.tag, {})[event.step] = value.simple_value
-                elif value.HasField("tensor") and value.metadata.plugin_data.plugin_name == "scalars":
-                    from tensorboard.util import tensor_util
-
-                    scalars.setdefault(value.tag, {})[event.step] = float(tensor_util.make_ndarray(value.tensor))
+                number = scalar_value(value)
+                if number is not None:
+                    scalars.setdefault(value.tag, {})[event.step] = number
     return scalars
+
+
+def scalar_value(value) -> float | None:
+    """The number a summary value holds: its simple_value, or a tensor of one number (how the scalars
+    plugin and tf.summary write them, whatever plugin name); None for images, text and histograms."""
+    if value.HasField("simple_value"):
+        return value.simple_value
+    if not value.HasField("tensor"):
+        return None
+    from tensorboard.util import tensor_util
+
+    array = tensor_util.make_ndarray(value.tensor)
+    return float(array.item()) if array.size == 1 and array.dtype.kind in "fiub" else None
 
 
 def run_names(run_dirs: list[Path]) -> list[str]:

@@ -1,41 +1,22 @@
-"""Packed next-token samples from a document source, sharded over ranks, exactly resumable."""
+"""Packed next-token samples from a document source, tokenized as they are read."""
 
 from itertools import islice
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.stateful import Stateful
-from torch.utils.data import IterableDataset, get_worker_info
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.tools.logging import logger
 
-from remoe_recipe.data.sources import DataError, Source
+from remoe_recipe.data.documents import DataError, Source
+from remoe_recipe.data.packing import PackedDataset
 
 # Fewer samples than this in one pass over a rank's documents: the run trains on a tiny corpus over and
 # over. Warned once; the per-epoch log lines are then dropped (they would come every few steps).
 SHORT_CORPUS_SAMPLES = 8
 
 
-def worker_shard(dp_rank: int, dp_world_size: int) -> tuple[int, int]:
-    """(stride, offset): this (rank, dataloader worker) takes items i with i % stride == offset.
-
-    Rank r's j-th item is i = r + j * W (W = dp_world_size); worker w takes j % n_workers == w.
-    """
-    info = get_worker_info()
-    n_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-    return dp_world_size * n_workers, dp_rank + worker * dp_world_size
-
-
-def check_packing(seq_len: int, dp_rank: int, dp_world_size: int) -> None:
-    """The arguments every packed dataset (text or shards) shares."""
-    if seq_len < 1:
-        raise ValueError(f"seq_len = {seq_len}: expected >= 1")
-    if not 0 <= dp_rank < dp_world_size:
-        raise ValueError(f"dp_rank = {dp_rank} not in [0, dp_world_size = {dp_world_size})")
-
-
-class PackedTextDataset(IterableDataset, Stateful):
-    """Yields ({"input": x}, y): x = buf[:seq_len], y = buf[1:seq_len + 1] (LongTensors).
+class PackedTextDataset(PackedDataset):
+    """Packs documents into samples (see PackedDataset): x = buf[:seq_len], y = buf[1:seq_len + 1].
 
     Every document is tokenized with one EOS appended (the official --append-eod) and appended
     to a token buffer; consecutive samples start seq_len tokens apart, so the last label of one
@@ -52,18 +33,11 @@ class PackedTextDataset(IterableDataset, Stateful):
     its own stream.
 
     State (per worker, saved by StatefulDataLoader): next document index, epoch, the unread
-    part of the token buffer. Restoring it replays the exact same samples.
-
-    restart_each_iter=True (validation): every new iteration starts again at the first document,
-    so each validation run scores the same samples even when it stops early (validation.steps),
-    unless a state was loaded just before.
+    part of the token buffer (and with return_source, the labels of its runs). Restoring it replays
+    the exact same samples.
 
     vocab_size: a token id at or above it is an error naming the document (by default the
     tokenizer's vocabulary; the model's embedding is at least that large).
-
-    return_source=True adds input_dict["source"], the source label (e.g. play, or the Pile's
-    meta.pile_set_name) of the document holding the sample's first input token. Off by default: torchtitan passes every input_dict
-    entry to the model's forward, so training batches must hold only tensors the model accepts.
     """
 
     def __init__(
@@ -83,23 +57,14 @@ class PackedTextDataset(IterableDataset, Stateful):
     ) -> None:
         if shuffle_window < 0:
             raise ValueError(f"data.shuffle_window = {shuffle_window}: expected >= 0")
-        check_packing(seq_len, dp_rank, dp_world_size)
         if tokenizer.eos_id is None:
             raise ValueError("the tokenizer has no eos_id; documents need an EOS separator")
+        super().__init__(seq_len, dp_rank, dp_world_size, infinite, return_source, restart_each_iter, name)
         self.source = source
         self.tokenizer = tokenizer
-        self.seq_len = seq_len
-        self.dp_rank = dp_rank
-        self.dp_world_size = dp_world_size
-        self.infinite = infinite
-        self.return_source = return_source
-        self.restart_each_iter = restart_each_iter
-        self.name = name
         self.vocab_size = vocab_size or tokenizer.get_vocab_size()
         self.shuffle_window, self.shuffle_seed = shuffle_window, shuffle_seed
-        self._reset_position()
         self._epoch = 0
-        self._state_loaded = False
         self._short_warned = False
 
     def _reset_position(self) -> None:
@@ -108,11 +73,7 @@ class PackedTextDataset(IterableDataset, Stateful):
         self._pos = 0  # tokens of _buffer before _pos are already consumed
         self._segments: list[list] = []  # [source label, n tokens] runs of _buffer[_pos:]
 
-    def __iter__(self):
-        if self.restart_each_iter and not self._state_loaded:
-            self._reset_position()
-        self._state_loaded = False
-        stride, offset = worker_shard(self.dp_rank, self.dp_world_size)
+    def _samples(self, stride: int, offset: int):
         seq_len = self.seq_len
         while True:
             n_docs = n_samples = 0
@@ -131,8 +92,7 @@ class PackedTextDataset(IterableDataset, Stateful):
                         n_samples += 1
                         yield self._next_sample(seq_len)
             finally:
-                if hasattr(docs, "close"):  # release the file now, not at garbage collection
-                    docs.close()
+                docs.close()  # release the file now, not at garbage collection
             if not self.infinite:
                 # One pass; the next iteration (next validation run) starts over.
                 self._reset_position()
@@ -207,12 +167,9 @@ class PackedTextDataset(IterableDataset, Stateful):
             self._segments.append([str(doc.get("source", self.name)), len(tokens)])
 
     def _next_sample(self, seq_len: int):
-        chunk = torch.tensor(self._buffer[self._pos : self._pos + seq_len + 1], dtype=torch.long)
+        window = torch.tensor(self._buffer[self._pos : self._pos + seq_len + 1], dtype=torch.long)
         self._pos += seq_len
-        inputs: dict[str, Any] = {"input": chunk[:-1]}
-        if self.return_source:
-            inputs["source"] = self._consume_segments(seq_len)
-        return inputs, chunk[1:]
+        return self._sample(window, self._consume_segments(seq_len) if self.return_source else None)
 
     def _consume_segments(self, n: int) -> str:
         first = self._segments[0][0]
@@ -224,7 +181,7 @@ class PackedTextDataset(IterableDataset, Stateful):
                 self._segments.pop(0)
         return first
 
-    def state_dict(self) -> dict[str, Any]:
+    def _position_state(self) -> dict[str, Any]:
         # Copies: the saved state must not change when iteration continues.
         state = {
             "doc_idx": self._doc_idx,
@@ -235,12 +192,11 @@ class PackedTextDataset(IterableDataset, Stateful):
             state["segments"] = [list(s) for s in self._segments]
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._doc_idx = state_dict["doc_idx"]
-        self._epoch = state_dict["epoch"]
-        self._buffer = list(state_dict["token_buffer"])
+    def _load_position(self, state: dict[str, Any]) -> None:
+        self._doc_idx = state["doc_idx"]
+        self._epoch = state["epoch"]
+        self._buffer = list(state["token_buffer"])
         self._pos = 0
-        self._segments = [list(s) for s in state_dict.get("segments", [])]
-        self._state_loaded = True
+        self._segments = [list(s) for s in state.get("segments", [])]
         if self.return_source and not self._segments and self._buffer:
             self._segments = [["unknown", len(self._buffer)]]

@@ -10,7 +10,7 @@ and read what the cache or the disk holds.
 from collections.abc import Iterator
 
 from remoe_recipe.data.config import Data
-from remoe_recipe.data.sources import DataError, make_document
+from remoe_recipe.data.documents import DataError, make_document
 
 
 class HFSource:

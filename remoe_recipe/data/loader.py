@@ -15,10 +15,10 @@ from torchtitan.tools.logging import logger
 
 from remoe_recipe.data.config import Data, data_config
 from remoe_recipe.data.dataset import PackedTextDataset
-from remoe_recipe.data.mixing import MixedDataset, parse_mix_entry
+from remoe_recipe.data.mixing import MixedDataset, mix_source, parse_mix_entry
 from remoe_recipe.data.shard_dataset import PackedShardDataset
 from remoe_recipe.data.shards import is_shard_dir, TokenShards
-from remoe_recipe.data.sources import BUILTIN_DATASETS, looks_like_path, resolve_source
+from remoe_recipe.data.sources import resolve_source
 
 
 def build_packed_dataset(
@@ -55,13 +55,11 @@ def _mixed_dataset(data: Data, tokenizer, seq_len, dp_rank, dp_world_size, retur
     components, weights = [], []
     for entry in data.mix:
         weight, spec = parse_mix_entry(entry)
-        hf = spec.startswith("hf:")
-        spec = spec[3:] if hf else spec
-        as_path = not hf and spec.lower() not in BUILTIN_DATASETS and looks_like_path(spec)
+        name, path = mix_source(spec)
         try:
             ds = build_packed_dataset(
-                None if as_path else spec, spec if as_path else None, "training", data, tokenizer,
-                seq_len, dp_rank, dp_world_size, infinite=True, return_source=return_source,
+                name, path, "training", data, tokenizer, seq_len, dp_rank, dp_world_size,
+                infinite=True, return_source=return_source,
             )
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"data.mix entry {entry!r}: {e}") from e

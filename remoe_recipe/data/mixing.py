@@ -5,6 +5,8 @@ from typing import Any
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset
 
+from remoe_recipe.data.sources import BUILTIN_DATASETS, looks_like_path
+
 
 def parse_mix_entry(entry: str, key: str = "data.mix") -> tuple[float, str]:
     """'WEIGHT SOURCE' -> (weight, source)."""
@@ -19,6 +21,16 @@ def parse_mix_entry(entry: str, key: str = "data.mix") -> tuple[float, str]:
             "e.g. '0.7 ./data/pile_shards' or '0.3 hf:allenai/c4'"
         )
     return weight, parts[1].strip()
+
+
+def mix_source(spec: str) -> tuple[str | None, str | None]:
+    """(dataset name, dataset path) that a mix entry's SOURCE stands for: a built-in name, a path, or
+    a Hugging Face name ("hf:" forces one)."""
+    if spec.startswith("hf:"):
+        return spec[3:], None
+    if spec.lower() not in BUILTIN_DATASETS and looks_like_path(spec):
+        return None, spec
+    return spec, None
 
 
 class MixedDataset(IterableDataset, Stateful):

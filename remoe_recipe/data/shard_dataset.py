@@ -3,17 +3,15 @@
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.stateful import Stateful
-from torch.utils.data import IterableDataset
 from torchtitan.tools.logging import logger
 
-from remoe_recipe.data.dataset import check_packing, worker_shard
-from remoe_recipe.data.sources import DataError
+from remoe_recipe.data.documents import DataError
+from remoe_recipe.data.packing import PackedDataset
 from remoe_recipe.data.shards import TokenShards
 
 
-class PackedShardDataset(IterableDataset, Stateful):
-    """Yields ({"input": x}, y) like PackedTextDataset, from a shard folder's token stream.
+class PackedShardDataset(PackedDataset):
+    """Samples (see PackedDataset) from a shard folder's token stream.
 
     The shards already hold the documents joined with EOS, so sample k is simply
     x = stream[k*L : k*L + L], y = stream[k*L + 1 : k*L + L + 1] (L = seq_len): consecutive
@@ -37,23 +35,13 @@ class PackedShardDataset(IterableDataset, Stateful):
         restart_each_iter: bool = False,
         name: str = "dataset",
     ) -> None:
-        check_packing(seq_len, dp_rank, dp_world_size)
+        super().__init__(seq_len, dp_rank, dp_world_size, infinite, return_source, restart_each_iter, name)
         self.shards = shards
-        self.seq_len = seq_len
-        self.dp_rank = dp_rank
-        self.dp_world_size = dp_world_size
-        self.infinite = infinite
-        self.return_source = return_source
-        self.restart_each_iter = restart_each_iter
-        self.name = name
-        self._next: int | None = None  # next global sample index for this (rank, worker)
-        self._state_loaded = False
 
-    def __iter__(self):
-        if self.restart_each_iter and not self._state_loaded:
-            self._next = None
-        self._state_loaded = False
-        stride, offset = worker_shard(self.dp_rank, self.dp_world_size)
+    def _reset_position(self) -> None:
+        self._next: int | None = None  # next global sample index for this (rank, worker)
+
+    def _samples(self, stride: int, offset: int):
         L, T = self.seq_len, self.shards.num_tokens
         fresh = self._next is None
         k = offset if fresh else self._next
@@ -74,18 +62,14 @@ class PackedShardDataset(IterableDataset, Stateful):
                 return
             if k > offset and (k * L) // T != ((k - stride) * L) // T:
                 logger.info(f"{self.name}: dp rank {self.dp_rank} starts epoch {(k * L) // T}")
-            chunk = torch.from_numpy(self.shards.read(k * L, L + 1))
-            inputs: dict[str, Any] = {"input": chunk[:-1]}
-            if self.return_source:
-                inputs["source"] = self.shards.label_at(k * L)
+            window = torch.from_numpy(self.shards.read(k * L, L + 1))
             self._next = k + stride
             yielded += 1
-            yield inputs, chunk[1:]
+            yield self._sample(window, self.shards.label_at(k * L) if self.return_source else None)
             k += stride
 
-    def state_dict(self) -> dict[str, Any]:
+    def _position_state(self) -> dict[str, Any]:
         return {"next_sample": self._next}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._next = state_dict["next_sample"]
-        self._state_loaded = True
+    def _load_position(self, state: dict[str, Any]) -> None:
+        self._next = state["next_sample"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from remoe_recipe.data.sources import DataError
+from remoe_recipe.data.documents import DataError
 
 FORMAT = "remoe-token-shards"
 VERSION = 1

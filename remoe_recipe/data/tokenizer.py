@@ -88,7 +88,8 @@ def encoding_from_file(path: str | os.PathLike, name: str | None = None) -> tikt
     )
 
 
-def _looks_like_path(spec: str) -> bool:
+def names_a_file(spec: str) -> bool:
+    """model.tokenizer_path names a ranks file (rather than "builtin" or a tiktoken encoding name)."""
     return "/" in spec or os.sep in spec or spec.endswith(".tiktoken") or os.path.isfile(spec)
 
 
@@ -96,7 +97,7 @@ def load_tokenizer(spec: str | None = "builtin") -> TiktokenTokenizer:
     """Tokenizer for "builtin", a `*.tiktoken` path, or a tiktoken encoding name."""
     if not spec or spec == "builtin":
         return TiktokenTokenizer(encoding_from_file(BUILTIN_TOKENIZER, "shakespeare_bpe4096"))
-    if _looks_like_path(spec):
+    if names_a_file(spec):
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"{TOKENIZER_KEY} = {spec!r}: no such file")
         return TiktokenTokenizer(encoding_from_file(spec))
