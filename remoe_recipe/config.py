@@ -15,15 +15,15 @@ from torchtitan.config.job_config import LRScheduler as TorchtitanLRScheduler
 
 from remoe_recipe.data.config import Data
 
-ROUTERS = ("relu", "topk", "dense")
 EXPERT_IMPLS = ("grouped_mm", "loop")
 
 
 @dataclass
 class MoEConfig:
-    router: Literal["relu", "topk", "dense"] = "relu"
-    """'relu': ReMoE (ReLU gates + adaptive L1). 'topk': softmax-then-TopK baseline with a
-    load-balancing loss. 'dense': no experts, one SwiGLU FFN of width ffn_expansion * ffn."""
+    router: str = "relu"
+    """A registered router (remoe_recipe/routers): 'relu' (ReMoE: ReLU gates + adaptive L1), 'topk' (the
+    paper's softmax-then-TopK baseline with a load-balancing loss), 'dense' (no experts: one SwiGLU FFN of
+    width ffn_expansion * ffn), 'hash' (token id mod E), 'expert_choice' (each expert takes its top tokens)."""
 
     num_experts: int = 8
     """E: experts per layer (before granularity)."""
@@ -107,87 +107,84 @@ class JobConfig:
     metrics: MetricsExtras = field(default_factory=MetricsExtras)
 
 
-def validate_schedule(config) -> None:
-    """The recipe's [optimizer] / [lr_scheduler] keys."""
+class ConfigError(ValueError):
+    """A configuration value is invalid: one line per problem, each naming the key."""
+
+    def lines(self, prefix: str = "config error: ") -> list[str]:
+        return [prefix + line for line in str(self).splitlines()]
+
+
+def moe_problems(moe: MoEConfig) -> list[str]:
+    """One line per invalid `moe.*` value: the shared MoE keys here, each router's own keys by its
+    registered check (remoe_recipe.routers), and keys set for a router other than the chosen one."""
+    from remoe_recipe.routers import get_router, router_keys, router_names
+
+    problems = [p for name, expected in (
+        ("num_experts", int), ("top_k", int), ("granularity", int), ("ffn_expansion", int),
+        ("l1_coeff_init", float), ("l1_coeff_multiplier", float), ("aux_loss_coeff", float),
+        ("load_balance", bool), ("router", str), ("expert_impl", str), ("pair_chunk_size", int),
+    ) if (p := _type_problem(f"moe.{name}", getattr(moe, name), expected))]
+    if problems:
+        return problems
+    if moe.router not in router_names():
+        return [f"moe.router = {moe.router!r}: expected one of {router_names()}"]
+    spec = get_router(moe.router)
+    if moe.expert_impl not in EXPERT_IMPLS:
+        problems.append(f"moe.expert_impl = {moe.expert_impl!r}: expected one of {EXPERT_IMPLS}")
+    if moe.pair_chunk_size < -1:
+        problems.append(
+            f"moe.pair_chunk_size = {moe.pair_chunk_size}: expected -1 (auto), 0 (off) or a number of pairs > 0"
+        )
+    defaults = MoEConfig()
+    for key, owners in router_keys().items():
+        if moe.router not in owners and getattr(moe, key) != getattr(defaults, key):
+            problems.append(
+                f"moe.{key} = {getattr(moe, key)!r} is not read by moe.router = {moe.router!r} "
+                f"(only by {', '.join(owners)}): remove it or choose that router"
+            )
+    if spec.has_experts:
+        if moe.num_experts < 2:
+            problems.append(f"moe.num_experts = {moe.num_experts}: expected >= 2")
+        if moe.granularity < 1:
+            problems.append(f"moe.granularity = {moe.granularity}: expected >= 1")
+        if not 1 <= moe.top_k < moe.num_experts:
+            problems.append(
+                f"moe.top_k = {moe.top_k}: expected 1 <= top_k < moe.num_experts ({moe.num_experts})"
+            )
+    return problems + spec.check(moe)
+
+
+def schedule_problems(config) -> list[str]:
+    """The recipe's [lr_scheduler] keys."""
     fraction = config.lr_scheduler.warmup_fraction
     if fraction is None:
-        return
+        return []
     if not 0 < fraction <= 1:
-        raise ConfigError(f"lr_scheduler.warmup_fraction = {fraction}: expected 0 < fraction <= 1")
+        return [f"lr_scheduler.warmup_fraction = {fraction}: expected 0 < fraction <= 1"]
     if config.lr_scheduler.warmup_steps != TorchtitanLRScheduler().warmup_steps:
-        raise ConfigError(
+        return [
             f"lr_scheduler.warmup_fraction = {fraction} and lr_scheduler.warmup_steps = "
             f"{config.lr_scheduler.warmup_steps}: set one of them"
-        )
+        ]
+    return []
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key."""
+def metrics_problems(config) -> list[str]:
+    """The recipe's [metrics] keys."""
+    metrics, problems = config.metrics, []
+    if metrics.routing_alert_steps < 1:
+        problems.append(f"metrics.routing_alert_steps = {metrics.routing_alert_steps}: expected >= 1")
+    if not 0 <= metrics.dead_expert_share < 1:
+        problems.append(f"metrics.dead_expert_share = {metrics.dead_expert_share}: expected 0 <= share < 1")
+    return problems
 
 
-def _check_type(key: str, value, expected: type) -> None:
+def _type_problem(key: str, value, expected: type) -> str | None:
     # bool is an int subclass in Python; a TOML `true` must not pass as a count.
     ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
-    if not ok:
-        raise ConfigError(
-            f"{key} = {value!r}: expected {expected.__name__}, got {type(value).__name__}"
-        )
-
-
-def validate_moe(moe: MoEConfig) -> None:
-    """Raise ConfigError naming the `moe.*` key for any invalid value."""
-    for name, expected in (
-        ("num_experts", int),
-        ("top_k", int),
-        ("granularity", int),
-        ("ffn_expansion", int),
-        ("l1_coeff_init", float),
-        ("l1_coeff_multiplier", float),
-        ("aux_loss_coeff", float),
-        ("load_balance", bool),
-        ("router", str),
-        ("expert_impl", str),
-        ("pair_chunk_size", int),
-    ):
-        _check_type(f"moe.{name}", getattr(moe, name), expected)
-    if moe.router not in ROUTERS:
-        raise ConfigError(f"moe.router = {moe.router!r}: expected one of {ROUTERS}")
-    if moe.expert_impl not in EXPERT_IMPLS:
-        raise ConfigError(
-            f"moe.expert_impl = {moe.expert_impl!r}: expected one of {EXPERT_IMPLS}"
-        )
-    if moe.pair_chunk_size < -1:
-        raise ConfigError(
-            f"moe.pair_chunk_size = {moe.pair_chunk_size}: expected -1 (auto), 0 (off) or a number of pairs > 0"
-        )
-    if moe.ffn_expansion < 1:
-        raise ConfigError(f"moe.ffn_expansion = {moe.ffn_expansion}: expected >= 1")
-    if moe.router == "dense":
-        return
-    if moe.ffn_expansion != 1:
-        raise ConfigError(
-            f"moe.ffn_expansion = {moe.ffn_expansion}: only the dense router widens the FFN "
-            f"(moe.router = {moe.router!r})"
-        )
-    if moe.num_experts < 2:
-        raise ConfigError(f"moe.num_experts = {moe.num_experts}: expected >= 2")
-    if moe.granularity < 1:
-        raise ConfigError(f"moe.granularity = {moe.granularity}: expected >= 1")
-    if not 1 <= moe.top_k < moe.num_experts:
-        raise ConfigError(
-            f"moe.top_k = {moe.top_k}: expected 1 <= top_k < moe.num_experts ({moe.num_experts})"
-        )
-    if moe.router == "relu":
-        if not moe.l1_coeff_init > 0:
-            raise ConfigError(f"moe.l1_coeff_init = {moe.l1_coeff_init}: expected > 0")
-        if not moe.l1_coeff_multiplier > 1:
-            raise ConfigError(
-                f"moe.l1_coeff_multiplier = {moe.l1_coeff_multiplier}: expected > 1"
-            )
-    if moe.router == "topk" and moe.aux_loss_coeff < 0:
-        raise ConfigError(f"moe.aux_loss_coeff = {moe.aux_loss_coeff}: expected >= 0")
+    return None if ok else f"{key} = {value!r}: expected {expected.__name__}, got {type(value).__name__}"
 
 
 def _matches(value, annotation) -> bool:
@@ -215,8 +212,9 @@ def _matches(value, annotation) -> bool:
     return True  # an annotation this checker does not understand: let torchtitan decide
 
 
-def check_types(job_config) -> None:
-    """TOML values reach torchtitan's dataclasses unchecked; fail on a wrong type, naming the key."""
+def type_problems(job_config) -> list[str]:
+    """TOML values reach torchtitan's dataclasses unchecked: one line per value of the wrong type."""
+    problems = []
     for section in dataclasses.fields(job_config):
         value = getattr(job_config, section.name)
         if not dataclasses.is_dataclass(value):
@@ -227,10 +225,11 @@ def check_types(job_config) -> None:
             if dataclasses.is_dataclass(v):
                 continue
             if not _matches(v, hints.get(f.name, typing.Any)):
-                raise ConfigError(
+                problems.append(
                     f"{section.name}.{f.name} = {v!r}: expected {_type_name(hints[f.name])}, "
                     f"got {type(v).__name__}"
                 )
+    return problems
 
 
 def _type_name(annotation) -> str:

@@ -25,10 +25,11 @@ from torchtitan.tools.logging import init_logger, logger
 from torchtitan.tools.utils import set_default_dtype
 
 from remoe_recipe.config import ConfigError
-from remoe_recipe.infra.layout import check_layout
+from remoe_recipe.infra.layout import resolve_layout
 from remoe_recipe.model.moe import chunk_limit, pair_bytes as moe_pair_bytes
 from remoe_recipe.platform import enable_cpu_training
 from remoe_recipe.preflight import load_config
+from remoe_recipe.routers import get_router
 
 GiB = 2**30
 
@@ -135,8 +136,8 @@ def dry_run(argv: list[str]) -> str:
     world_size, argv = _take_world_size(argv)
     os.environ["NGPU"] = str(world_size)  # torchtitan's fake backend takes the world size from NGPU
     # Dataset paths belong to the training machine, not to the one validating its layout.
-    job_config = load_config([*argv, "--comm.mode", "fake_backend"], check_data=False)
-    layout = check_layout(job_config, world_size)
+    job_config = load_config([*argv, "--comm.mode", "fake_backend"], check_data=False, world_size=world_size)
+    layout = resolve_layout(job_config.parallelism, world_size)  # checked by load_config
     enable_cpu_training()
     dist_utils.init_distributed(job_config.comm)
     p = job_config.parallelism
@@ -197,7 +198,8 @@ def report(job_config, layout, parallel_dims, args, params: RankParams, notes: l
     fixed = states + gathered
     ep = layout.ep > 1
     act = activation_bytes(args, job_config, args.routed_top_k, ac, expert_parallel=ep)
-    stage = "stage III, " if job_config.moe.router == "relu" else ""
+    router = get_router(job_config.moe.router)
+    stage = "stage III, " if router.start_experts_per_token is not None else ""
     text = f"  activations per micro-batch (AC {ac}): {act / GiB:.2f} GiB"
     if args.is_moe:
         text += f" ({stage}{args.routed_top_k} active experts/token)"
@@ -206,8 +208,8 @@ def report(job_config, layout, parallel_dims, args, params: RankParams, notes: l
         f"  peak estimate{' in stage III' if stage else ''}: {(fixed + act) / GiB:.2f} GiB (balanced routing; "
         "excludes allocator slack, communication buffers and the CUDA context)"
     )
-    if job_config.moe.router == "relu":  # ReLU gates start about half open: the peak is early
-        dense = args.num_routed_experts / 2
+    if router.start_experts_per_token is not None:  # e.g. ReMoE's dense stage I: the peak is early
+        dense = router.start_experts_per_token(args)
         act_dense = activation_bytes(args, job_config, dense, ac, expert_parallel=ep)
         unbounded = activation_bytes(args, job_config, dense, ac, pair_chunk_size=0)
         tokens = t.local_batch_size * t.seq_len
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         text = dry_run(sys.argv[1:] if argv is None else argv)
     except (ConfigError, FileNotFoundError) as e:
-        logger.error(f"config error: {e}")
+        for line in (e.lines() if isinstance(e, ConfigError) else [f"config error: {e}"]):
+            logger.error(line)
         raise SystemExit(2) from None
     print(text, flush=True)
 

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from remoe_recipe.routers import get_router, router_names
+
 TABLE2_TASKS = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "lambada_openai", "piqa", "race"]
 # lm-eval's YAML of each (relative to lm_eval/tasks): a task manager over these folders alone is
 # built in well under a second, the full index of ~14k task files takes ~10 s.
@@ -31,12 +33,6 @@ TABLE2_YAMLS = {
     "lambada_openai": "lambada/lambada_openai.yaml", "piqa": "piqa/piqa.yaml", "race": "race/race.yaml",
 }
 TABLE2_HEADERS = ["ARC-c", "ARC-e", "BoolQ", "HellaSwag", "LAMBADA", "PIQA", "RACE"]
-# Paper Table 2 (182M, E = 8, k = 1, 30B tokens), accuracy in %.
-PAPER_TABLE2 = {
-    "dense": ("Dense (paper)", [19.45, 43.35, 54.40, 28.61, 31.09, 61.97, 28.52], 38.20),
-    "topk": ("dMoE (paper)", [20.05, 45.16, 57.83, 29.83, 32.97, 63.55, 28.33], 39.67),
-    "relu": ("ReMoE (paper)", [20.22, 46.68, 54.16, 30.26, 35.94, 63.55, 29.38], 40.03),
-}
 METRIC = "acc"
 
 
@@ -144,9 +140,9 @@ def _table2_rows(results: dict, router: str | None, paper_config: bool, cell) ->
     rows = [["this run", *[cell(t) for t in TABLE2_TASKS]]]
     present = [results[t][f"{METRIC},none"] for t in TABLE2_TASKS if f"{METRIC},none" in results.get(t, {})]
     rows[0].append(f"{100 * sum(present) / len(present):.2f}" if len(present) == len(TABLE2_TASKS) else "-")
-    if paper_config and router in PAPER_TABLE2:
-        label, values, avg = PAPER_TABLE2[router]
-        rows.append([label, *[f"{v:.2f}" for v in values], f"{avg:.2f}"])
+    paper = get_router(router).paper_table2 if paper_config and router in router_names() else None
+    if paper is not None:  # the paper's row for this router (Table 2: 182M, E = 8, k = 1, 30B tokens)
+        rows.append([paper.label, *[f"{v:.2f}" for v in paper.accuracies], f"{paper.average:.2f}"])
     header = ["model", *TABLE2_HEADERS, "Avg"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from remoe_recipe.hf.convert import iter_to_hf
-from remoe_recipe.hf.hf_config import write_hf_metadata
+from remoe_recipe.hf.hf_config import hf_export_problem, write_hf_metadata
 from remoe_recipe.load_checkpoint import CheckpointError, TrainedModel, load_trained_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,6 +109,8 @@ def export(trained: TrainedModel, out: str | Path, dtype: str = "float32", max_s
            verify: bool = True) -> Path:
     out = Path(out)
     check_out_dir(out)
+    if problem := hf_export_problem(trained.args.moe.router):
+        raise ExportError(problem)
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: expected one of {sorted(DTYPES)}")
     max_bytes = parse_size(max_shard_size)

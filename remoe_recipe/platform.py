@@ -1,4 +1,4 @@
-"""CPU/gloo compatibility for torchtitan 0.2.2, in one place (notes: torchtitan-0.2.2.md, six blockers).
+"""CPU/gloo compatibility for torchtitan 0.2.2, in one place (six places where 0.2.2 assumes an accelerator).
 
 torchtitan 0.2.2 assumes an accelerator. On a machine without one, `enable_cpu_training()` patches the
 few places that break; where CUDA (or another accelerator) is present it does nothing, so GPU runs use

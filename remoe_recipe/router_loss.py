@@ -5,9 +5,9 @@ valid tokens. A router term is a per-token mean over a micro-batch of T tokens, 
 T * coeff * term: after the division the step's loss is the token-weighted mean, and its gradient does
 not depend on how the global batch is split into ranks and micro-batches.
 
-- ReMoE: coeff = lambda (adaptive), term = mean over layers of Eq. 10 (or 9), as the paper's Eq. 6/10.
-  (The official code sums over layers instead: its lambda is the paper's lambda / L.)
-- TopK: coeff = aux_loss_coeff, term = sum over layers of the Switch loss, as Megatron does.
+The router's objective (remoe_recipe/routers) says the coefficient and how the layers' terms combine:
+ReMoE's adaptive λ times the mean over layers of Eq. 10 (or 9); TopK's aux_loss_coeff times the sum over
+layers of the Switch loss, as Megatron does; no loss at all for hash and expert-choice routing.
 
 The returned value stays the pure language-model loss (`aux - aux.detach()` adds only the gradient),
 so torchtitan's logged loss is comparable across routers; the router terms are logged separately.
@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torchtitan.components.loss import IGNORE_INDEX
 
+from remoe_recipe.routers import RouterObjective
 from remoe_recipe.routing_stats import StepRoutingStats
 
 
@@ -26,14 +27,12 @@ class RouterLossWrapper:
         self,
         lm_loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         model_parts: list[torch.nn.Module],
-        coeff: Callable[[], torch.Tensor | float],
-        average_layers: bool,
+        objective: RouterObjective,
         stats: StepRoutingStats,
     ):
         self.lm_loss_fn = lm_loss_fn
         self.model_parts = model_parts
-        self.coeff = coeff
-        self.average_layers = average_layers
+        self.objective = objective
         self.stats = stats
 
     def __call__(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -42,7 +41,9 @@ class RouterLossWrapper:
         if not records:
             return loss_sum
         self.stats.add(records, loss_sum, (labels != IGNORE_INDEX).sum())
-        terms = torch.stack([r.loss_term for r in records])
-        term = terms.mean() if self.average_layers else terms.sum()
-        aux = self.coeff() * records[0].num_tokens * term
+        coeff = self.objective.loss_coeff()
+        if coeff is None:
+            return loss_sum
+        term = self.objective.reduce_layers(torch.stack([r.loss_term for r in records]))
+        aux = coeff * records[0].num_tokens * term
         return loss_sum + (aux - aux.detach()).to(loss_sum.dtype)

@@ -5,12 +5,39 @@ the step and every rank that holds distinct tokens. Everything is kept as device
 in one collective, so collecting it costs no host synchronisation.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
 
+from remoe_recipe import named_tensors
 from remoe_recipe.model.moe import RouterRecord
+
+
+@dataclass
+class RoutingSums:
+    """The step's sums, per MoE layer where they have an [L] dimension; summed over ranks by `reduce`."""
+
+    active_pairs: torch.Tensor  # [L] (token, expert) pairs that ran
+    gate_slots: torch.Tensor  # [L] tokens x experts: the pairs that could have run
+    loss_terms: torch.Tensor  # [L] the router's loss term, summed over the step's forwards
+    tokens_per_expert: torch.Tensor  # [L, N] pairs per expert
+    lm_loss_sum: torch.Tensor  # 0-d the language-model loss summed over tokens
+    lm_tokens: torch.Tensor  # 0-d the tokens it was summed over
+    forwards: torch.Tensor  # 0-d micro-batch forwards
+
+    @classmethod
+    def zeros(cls, num_layers: int, num_experts: int, device) -> "RoutingSums":
+        L, N = num_layers, num_experts
+        return cls(
+            active_pairs=torch.zeros(L, device=device), gate_slots=torch.zeros(L, device=device),
+            loss_terms=torch.zeros(L, device=device), tokens_per_expert=torch.zeros(L, N, device=device),
+            lm_loss_sum=torch.zeros((), device=device), lm_tokens=torch.zeros((), device=device),
+            forwards=torch.zeros((), device=device),
+        )
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
@@ -34,13 +61,7 @@ class StepRoutingStats:
         self.reset()
 
     def reset(self) -> None:
-        L, N = self.num_layers, self.num_experts
-        self.active = torch.zeros(L, device=self.device)
-        self.slots = torch.zeros(L, device=self.device)
-        self.loss_terms = torch.zeros(L, device=self.device)
-        self.tokens_per_expert = torch.zeros(L, N, device=self.device)
-        self.forwards = torch.zeros(1, device=self.device)
-        self.lm_loss = torch.zeros(2, device=self.device)  # [loss sum, valid tokens]
+        self.sums = RoutingSums.zeros(self.num_layers, self.num_experts, self.device)
 
     def add(self, records: list[RouterRecord], lm_loss_sum: torch.Tensor, lm_tokens: torch.Tensor) -> None:
         """One micro-batch: its records (one per MoE layer, in layer order) and its LM loss sum."""
@@ -48,49 +69,41 @@ class StepRoutingStats:
             raise RuntimeError(
                 f"expected one router record per MoE layer ({self.num_layers}), got {len(records)}"
             )
+        s = self.sums
         counts = torch.stack([r.tokens_per_expert for r in records])
-        self.tokens_per_expert += counts
-        self.active += counts.sum(dim=1)
+        s.tokens_per_expert += counts
+        s.active_pairs += counts.sum(dim=1)
         # Token counts are host ints: add them as scalars (a kernel argument), never as a tensor built
         # from a Python list (a host-to-device copy per micro-batch).
         sizes = {r.num_tokens for r in records}
         if len(sizes) == 1:
-            self.slots += float(sizes.pop() * self.num_experts)
+            s.gate_slots += float(sizes.pop() * self.num_experts)
         else:
             for i, r in enumerate(records):
-                self.slots[i] += float(r.num_tokens * self.num_experts)
-        self.loss_terms += torch.stack([r.loss_term.detach().float() for r in records])
-        self.forwards += 1
-        self.lm_loss += torch.stack([lm_loss_sum.detach().float(), lm_tokens.float()])
+                s.gate_slots[i] += float(r.num_tokens * self.num_experts)
+        s.loss_terms += torch.stack([r.loss_term.detach().float() for r in records])
+        s.forwards += 1
+        s.lm_loss_sum += lm_loss_sum.detach().float()
+        s.lm_tokens += lm_tokens.float()
 
     def reduce(self, group: dist.ProcessGroup | None) -> ReducedRoutingStats:
         """Sum over the ranks of `group` (None: this process only) in one all-reduce."""
-        packed = torch.cat(
-            [
-                self.active, self.slots, self.loss_terms, self.tokens_per_expert.flatten(),
-                self.lm_loss, self.forwards,
-            ]
-        )
-        if group is not None:
-            dist.all_reduce(packed, group=group)
-        L, N = self.num_layers, self.num_experts
-        active, slots, loss_terms = packed[:L], packed[L : 2 * L], packed[2 * L : 3 * L]
-        tokens_per_expert = packed[3 * L : 3 * L + L * N].view(L, N)
-        lm_loss_sum, lm_tokens = packed[-3], packed[-2]
-        forwards = packed[-1].clamp(min=1)
-        layer_loss_term = loss_terms / forwards
+        s = RoutingSums(**named_tensors.all_reduce(self.sums.as_dict(), group))
+        layer_loss_term = s.loss_terms / s.forwards.clamp(min=1)
         # `gates > 0` is False for a NaN gate, so a NaN router would read as 100 % sparse. The loss term
         # sums the layer's gates (or router probabilities), so it is NaN exactly then: report NaN.
         finite = torch.isfinite(layer_loss_term)
         nan = torch.full_like(layer_loss_term, float("nan"))
-        layer_sparsity = torch.where(finite, 1.0 - active / slots.clamp(min=1), nan)
-        sparsity = torch.where(finite.all(), 1.0 - active.sum() / slots.sum().clamp(min=1), nan[0])
+        layer_sparsity = torch.where(finite, 1.0 - s.active_pairs / s.gate_slots.clamp(min=1), nan)
+        sparsity = torch.where(
+            finite.all(), 1.0 - s.active_pairs.sum() / s.gate_slots.sum().clamp(min=1), nan[0]
+        )
         return ReducedRoutingStats(
             sparsity=sparsity,
             layer_sparsity=layer_sparsity,
             loss_term=layer_loss_term.mean(),
             layer_loss_term=layer_loss_term,
-            tokens_per_expert=tokens_per_expert,
-            lm_loss=lm_loss_sum / lm_tokens.clamp(min=1),
-            num_experts=N,
+            tokens_per_expert=s.tokens_per_expert,
+            lm_loss=s.lm_loss_sum / s.lm_tokens.clamp(min=1),
+            num_experts=self.num_experts,
         )

@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 from remoe_recipe import config as recipe_config
+from remoe_recipe.routers import get_router, router_names
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -54,6 +55,12 @@ def format_keys() -> str:
             lines.append(f"{f.name} = {_toml_value(default)}")
             if f.name in docs:
                 lines += [f"    # {line}" for line in textwrap.wrap(docs[f.name], 96)]
+        if section.name == "moe":
+            lines.append("# moe.router: the registered routers (remoe_recipe/routers)")
+            for name in router_names():
+                spec = get_router(name)
+                keys = f" [keys: {', '.join(spec.config_keys)}]" if spec.config_keys else ""
+                lines += [f"#   {line}" for line in textwrap.wrap(f"{name}: {spec.summary}{keys}", 96)]
         lines.append("")
     return "\n".join(lines)
 
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print(format_resolved(load_config(argv[1:])))
     except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
+        raise SystemExit("\n".join(e.lines())) from None
 
 
 if __name__ == "__main__":

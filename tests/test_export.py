@@ -217,3 +217,18 @@ def test_run_configuration_from_config_toml_or_a_one_line_error(tmp_path, capsys
     (run / "config.toml").unlink()
     message = _export_error(capsys, "--checkpoint", run / "checkpoint", "--out", tmp_path / "out")
     assert "no run configuration found" in message and "--config" in message
+
+
+@pytest.mark.parametrize("router", ["hash", "expert_choice"])
+def test_routers_without_remote_code_are_refused_before_training(router):
+    """The HF remote code implements relu and topk (and dense is plain Llama): a run that would end in an
+    HF save it cannot write is refused by the config check, naming the key, before step 1."""
+    from remoe_recipe.config import ConfigError
+    from remoe_recipe.preflight import load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(["--job.config_file", str(CONFIGS / "debug_topk.toml"), "--moe.router", router,
+                     "--checkpoint.last_save_in_hf", "--checkpoint.last_save_model_only"])
+    [line] = str(info.value).splitlines()
+    assert line.startswith(f"checkpoint.last_save_in_hf: moe.router = '{router}'") and "relu, topk, dense" in line
+    load_config(["--job.config_file", str(CONFIGS / "debug_topk.toml"), "--moe.router", router])  # training is fine

@@ -1,12 +1,16 @@
 """The routing-health report (remoe_recipe.analysis.health) on runs whose answers are known by construction,
 and the `moe/min_relative_load` scalar it reads, against a hand count."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from remoe_recipe.analysis.health import assess, format_table
+from remoe_recipe.config import MoEConfig
 from remoe_recipe.metrics import RoutingMonitor
 from remoe_recipe.model.moe import RouterRecord
+from remoe_recipe.routers.relu import AdaptiveL1Objective
 from remoe_recipe.routing_stats import StepRoutingStats
 
 TARGET = 0.875
@@ -92,9 +96,13 @@ def test_min_relative_load_is_the_least_used_expert_share():
         lm_loss_sum=torch.tensor(1.0), lm_tokens=torch.tensor(T),
     )
     reduced = stats.reduce(group=None)
-    monitor = RoutingMonitor(L, N, target_sparsity=TARGET, device=torch.device("cpu"))
-    monitor.observe(1, reduced, torch.tensor(1e-3))
-    scalars = monitor.collect(reduced, torch.tensor(1e-3))[0]
+    objective = AdaptiveL1Objective(
+        SimpleNamespace(moe=MoEConfig(l1_coeff_init=1e-3), target_sparsity=TARGET), torch.device("cpu")
+    )
+    monitor = RoutingMonitor(L, N, objective, device=torch.device("cpu"))
+    monitor.observe(reduced)
+    objective.after_step(1, reduced)
+    scalars = monitor.collect(reduced)[0]
     shares = []
     for l in range(L):
         load = [sum(masks[l][t][e] for t in range(T)) for e in range(N)]

@@ -1,10 +1,15 @@
 """Routing statistics and TensorBoard metrics against counts computed independently on a fixed routing."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from remoe_recipe.config import MoEConfig
 from remoe_recipe.metrics import DEAD_EXPERT_FRACTION, RoutingMonitor, load_image
 from remoe_recipe.model.moe import RouterRecord
+from remoe_recipe.routers.relu import AdaptiveL1Objective
+from remoe_recipe.routers.topk import AuxLossObjective
 from remoe_recipe.routing_stats import StepRoutingStats
 
 L, N, T = 3, 4, 6
@@ -47,9 +52,11 @@ def test_step_stats_and_monitor_match_hand_counts():
     assert reduced.loss_term.item() == pytest.approx(expected_term)
     assert reduced.lm_loss.item() == pytest.approx(24.0 / (2 * T))
 
-    monitor = RoutingMonitor(L, N, target_sparsity=0.75, device=torch.device("cpu"))
-    monitor.observe(1, reduced, torch.tensor(0.01))
-    scalars, relative_load = monitor.collect(reduced, torch.tensor(0.01))
+    objective = relu_objective(target=0.75, lam=0.01)
+    monitor = RoutingMonitor(L, N, objective, device=torch.device("cpu"))
+    monitor.observe(reduced)
+    objective.after_step(1, reduced)
+    scalars, relative_load = monitor.collect(reduced)
 
     load = [[sum(m[l][t][e] for m in micro for t in range(T)) for e in range(N)] for l in range(L)]
     dead = 0
@@ -60,8 +67,10 @@ def test_step_stats_and_monitor_match_hand_counts():
         dead += sum(1 for x in load[l] if x < DEAD_EXPERT_FRACTION * mean)
     assert scalars["moe/dead_experts"] == dead >= 3  # layer 2's experts 1..3 never get a token
     assert scalars["moe_layers/imbalance/layer_2"] == pytest.approx(N)
-    assert scalars["remoe/sparsity"] == pytest.approx(expected_sparsity)
-    assert scalars["remoe/l1_coeff"] == pytest.approx(0.01)
+    assert scalars["moe/sparsity"] == pytest.approx(expected_sparsity)
+    assert "remoe/sparsity" not in scalars  # one name per quantity
+    assert scalars["remoe/l1_coeff"] == pytest.approx(0.01)  # the λ the step used, not the updated one
+    assert objective.controller.coeff.item() == pytest.approx(0.01 * 1.2)  # sparsity below 0.75: ×α
     assert scalars["remoe/penalty"] == pytest.approx(0.01 * expected_term)
     # Relative load (1 = the fair share): layer 2 sends every pair to expert 0 (N times its share).
     for l in range(L):
@@ -73,9 +82,15 @@ def test_step_stats_and_monitor_match_hand_counts():
     assert image.ndim == 3 and image.shape[2] == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
 
+def relu_objective(target: float, lam: float) -> AdaptiveL1Objective:
+    args = SimpleNamespace(moe=MoEConfig(l1_coeff_init=lam), target_sparsity=target)
+    return AdaptiveL1Objective(args, torch.device("cpu"))
+
+
 def test_stages_follow_penalty_and_target():
     """Stage I until lambda * L1 >= 1e-3 * LM loss, II until sparsity >= target, then III."""
-    monitor = RoutingMonitor(1, 2, target_sparsity=0.5, device=torch.device("cpu"))
+    objective = relu_objective(target=0.5, lam=1e-8)
+    monitor = RoutingMonitor(1, 2, objective, device=torch.device("cpu"))
     stats = StepRoutingStats(1, 2, torch.device("cpu"))
 
     def step(i, active_pairs, lam, term, lm_loss=5.0):
@@ -85,8 +100,10 @@ def test_stages_follow_penalty_and_target():
             torch.tensor(lm_loss * 10), torch.tensor(10),
         )
         r = stats.reduce(None)
-        monitor.observe(i, r, torch.tensor(lam))
-        return monitor.collect(r, torch.tensor(lam))[0]
+        objective.controller.coeff = torch.tensor(lam)
+        monitor.observe(r)
+        objective.after_step(i, r)
+        return monitor.collect(r)[0]
 
     assert step(1, 18, 1e-8, 2.0)["remoe/stage"] == 1  # sparsity 0.1, negligible penalty
     assert step(2, 18, 1e-3, 2.0)["remoe/stage"] == 1  # penalty 2e-3 < 5e-3
@@ -102,10 +119,44 @@ def test_topk_monitor_logs_aux_loss_and_no_remoe_scalars():
     stats = StepRoutingStats(1, 4, torch.device("cpu"))
     stats.add([RouterRecord(torch.tensor(1.25), torch.tensor([2.0, 1.0, 1.0, 0.0]), 4)], torch.tensor(8.0), torch.tensor(4))
     r = stats.reduce(None)
-    monitor = RoutingMonitor(1, 4, target_sparsity=None, device=torch.device("cpu"))
-    monitor.observe(1, r, None)
-    scalars, _ = monitor.collect(r, None)
+    objective = AuxLossObjective(SimpleNamespace(moe=MoEConfig(router="topk")), torch.device("cpu"))
+    monitor = RoutingMonitor(1, 4, objective, device=torch.device("cpu"))
+    monitor.observe(r)
+    objective.after_step(1, r)
+    scalars, _ = monitor.collect(r)
     assert scalars["moe/aux_loss"] == pytest.approx(1.25)
     assert scalars["moe/active_experts_per_token"] == pytest.approx(1.0)
     assert scalars["moe/dead_experts"] == 1
     assert not any(k.startswith("remoe/") for k in scalars)
+
+
+@pytest.mark.parametrize("router", ["relu", "topk", "hash", "expert_choice"])
+def test_every_logged_tag_is_documented_once(router):
+    """The tags a router's run writes (shared MoE metrics, routing alerts, the router's own) each appear in
+    docs/observability.md, and no two tags carry the same value by construction (one name per quantity)."""
+    import re
+    from pathlib import Path
+
+    from remoe_recipe.routers import get_router
+    from remoe_recipe.routing_health import RoutingHealth
+
+    L_, N_ = 2, 4
+    args = SimpleNamespace(moe=MoEConfig(router=router), target_sparsity=0.75)
+    objective = get_router(router).objective(args, torch.device("cpu"))
+    stats = StepRoutingStats(L_, N_, torch.device("cpu"))
+    stats.add([RouterRecord(torch.tensor(0.5 + l), torch.tensor([3.0, 1.0, 0.0, 2.0]), 6) for l in range(L_)],
+              torch.tensor(12.0), torch.tensor(6))
+    reduced = stats.reduce(None)
+    monitor = RoutingMonitor(L_, N_, objective, torch.device("cpu"))
+    monitor.observe(reduced)
+    objective.after_step(1, reduced)
+    scalars = monitor.collect(reduced)[0]
+    health = RoutingHealth(L_, N_, 100, 0.5, torch.device("cpu"))
+    health.check(1, health.update(reduced).tolist())
+    scalars.update(health.scalars())
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "observability.md").read_text()
+    documented = set(re.findall(r"`([a-z_0-9]+/[a-z_0-9/()%]+)`", docs))
+    for tag in scalars:
+        generic = re.sub(r"layer_\d+$", "layer_i", tag)
+        assert generic in documented, f"{tag} is not in docs/observability.md"
+    assert "remoe/sparsity" not in scalars and "remoe/active_experts_per_token" not in scalars

@@ -14,6 +14,7 @@ from remoe_recipe.model.moe import RouterRecord
 from remoe_recipe.optim import build_remoe_lr_schedulers, build_remoe_optimizers
 from remoe_recipe.preflight import load_config
 from remoe_recipe.router_loss import RouterLossWrapper
+from remoe_recipe.routers import RouterObjective
 from remoe_recipe.routing_stats import StepRoutingStats
 from tests.runs import CONFIGS
 
@@ -131,9 +132,17 @@ def test_router_loss_enters_as_tokens_times_coeff_times_term(average_layers):
     w = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
     part = _Part()
     coeff = 0.3
+
+    class Objective(RouterObjective):  # ReMoE's reduction (mean over layers) or TopK's (sum)
+        def loss_coeff(self):
+            return coeff
+
+        def reduce_layers(self, terms):
+            return terms.mean() if average_layers else terms.sum()
+
     wrapper = RouterLossWrapper(
-        lambda pred, labels: (pred - labels.float()).pow(2).sum(), [part], lambda: coeff,
-        average_layers=average_layers, stats=StepRoutingStats(2, 3, torch.device("cpu")),
+        lambda pred, labels: (pred - labels.float()).pow(2).sum(), [part], Objective(),
+        stats=StepRoutingStats(2, 3, torch.device("cpu")),
     )
     total_tokens, values, expected_grad = 0, [], torch.zeros(3)
     for num_tokens, scale in ((5, 1.0), (11, 3.0)):
@@ -169,13 +178,14 @@ def test_each_step_uses_its_own_lambda(tmp_path, monkeypatch):
     trainer = train_module.ReMoETrainer(config)
     try:
         used, sparsities = [], []
-        read = trainer.loss_fn.coeff
-        trainer.loss_fn.coeff = lambda: used.append(float(read())) or read()
+        objective = trainer.router_objective
+        read = objective.loss_coeff
+        objective.loss_coeff = lambda: used.append(float(read())) or read()
         original_observe = trainer.routing_monitor.observe
 
-        def observe(step, stats, coeff):
+        def observe(stats):
             sparsities.append(float(stats.sparsity))
-            return original_observe(step, stats, coeff)
+            return original_observe(stats)
 
         trainer.routing_monitor.observe = observe
         trainer.train()

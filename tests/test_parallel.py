@@ -60,6 +60,8 @@ LAYOUTS = {
     "ep2_full_ac": [*EP2, "--activation_checkpoint.mode", "full"],
 }
 ROUTERS = {"relu": "debug_remoe.toml", "topk": "debug_topk.toml"}
+# λ0 is a relu key: the config check refuses it on a topk run
+ROUTER_ARGS = {"relu": [], "topk": ["--moe.l1_coeff_init", "1e-8"]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,8 +117,8 @@ def assert_curves_match(run: dict, ref: dict, steps, what: str) -> dict[str, flo
         for s in steps:
             # lambda moves by exact factors of alpha: the same sequence of sparsity-vs-target decisions
             assert run["remoe/l1_coeff"][s] == pytest.approx(ref["remoe/l1_coeff"][s], rel=1e-6), (what, s)
-            assert abs(run["remoe/sparsity"][s] - ref["remoe/sparsity"][s]) <= SPARSITY_ATOL, (what, s)
-        diffs["sparsity_abs"] = max(abs(run["remoe/sparsity"][s] - ref["remoe/sparsity"][s]) for s in steps)
+            assert abs(run["moe/sparsity"][s] - ref["moe/sparsity"][s]) <= SPARSITY_ATOL, (what, s)
+        diffs["sparsity_abs"] = max(abs(run["moe/sparsity"][s] - ref["moe/sparsity"][s]) for s in steps)
     else:
         for s in steps:
             assert run["moe/aux_loss"][s] == pytest.approx(ref["moe/aux_loss"][s], rel=1e-4), (what, s)
@@ -127,7 +129,7 @@ def assert_ranks_agree(dump: Path, nranks: int) -> dict:
     """Every rank logs the same loss, lambda and sparsity (they are all-reduced, not local)."""
     ranks = per_rank(dump)
     assert len(ranks) == nranks
-    for tag in ("loss_metrics/global_avg_loss", "remoe/l1_coeff", "remoe/sparsity", "moe/aux_loss"):
+    for tag in ("loss_metrics/global_avg_loss", "remoe/l1_coeff", "moe/sparsity", "moe/aux_loss"):
         if tag in ranks[0]:
             assert all(r[tag] == ranks[0][tag] for r in ranks), tag
     return ranks[0]
@@ -156,10 +158,10 @@ class Runs:
         dump = self.root / f"{router}_{layout}"
         if (router, layout) not in self.output:
             if layout == "reference":
-                proc = launch(ROUTERS[router], dump, *RUN, reference_ranks=DP)
+                proc = launch(ROUTERS[router], dump, *RUN, *ROUTER_ARGS[router], reference_ranks=DP)
             else:  # TORCH_LOGS=recompiles: torch.compile logs every recompilation
                 env = {"TORCH_LOGS": "recompiles"} if "compile" in layout else None
-                proc = launch(ROUTERS[router], dump, *RUN, *LAYOUTS[layout], nproc=DP, env=env)
+                proc = launch(ROUTERS[router], dump, *RUN, *ROUTER_ARGS[router], *LAYOUTS[layout], nproc=DP, env=env)
             self.output[(router, layout)] = proc
         return dump
 

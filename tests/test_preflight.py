@@ -80,3 +80,35 @@ def test_show_config_keys_and_resolved(capsys):
     assert resolved["training"]["max_norm"] == 1.0
     assert resolved["comm"]["init_timeout_seconds"] == 300  # torchtitan default
     assert resolved["model"]["name"] == "remoe"
+
+
+def test_every_problem_is_one_line_in_one_error(tmp_path):
+    """One pass reports all problems at once, one line each naming its key (not the first one only)."""
+    with pytest.raises(ConfigError) as info:
+        load_config([
+            "--job.config_file", str(CONFIGS / "debug_topk.toml"),
+            "--moe.top_k", "8",  # not < num_experts
+            "--moe.l1_coeff_multiplier", "1.1",  # a relu key on a topk run
+            "--training.steps", "0",
+            "--metrics.routing_alert_steps", "0",
+            "--data.mix", "abc",  # not "WEIGHT SOURCE"
+            "--model.tokenizer_path", "gpt3",  # no such tokenizer
+        ])
+    lines = str(info.value).splitlines()
+    keys = ["moe.top_k", "moe.l1_coeff_multiplier", "training.steps", "metrics.routing_alert_steps", "data.mix",
+            "model.tokenizer_path"]
+    for key in keys:
+        assert sum(line.startswith(f"{key} ") or line.startswith(f"{key}:") or f" {key} " in line
+                   for line in lines) == 1, (key, lines)
+    assert len(lines) == len(keys), lines
+
+
+def test_the_entry_point_logs_each_problem_on_its_own_line(tmp_path):
+    bad = _write(tmp_path, DEBUG.replace("top_k = 1", "top_k = 9").replace("steps = 300", "steps = -1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "remoe_recipe.train", "--job.config_file", bad],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "config error: " in line]
+    assert len(errors) == 2 and "moe.top_k = 9" in errors[0] and "training.steps = -1" in errors[1], errors

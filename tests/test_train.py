@@ -45,7 +45,7 @@ def test_remoe_loss_falls_and_sparsity_reaches_target(remoe_run):
     loss = _series(remoe_run, "loss_metrics/global_avg_loss")
     assert len(loss) == STEPS
     assert _mean(loss[-5:]) < _mean(loss[:5]) - 1.0, loss
-    sparsity = _series(remoe_run, "remoe/sparsity")
+    sparsity = _series(remoe_run, "moe/sparsity")
     # Dense start (ReLU gates at init: about half active), then the controller drives S to 1 - k/E.
     assert sparsity[0] < 0.7
     assert abs(_mean(sparsity[-10:]) - TARGET) < 0.04, sparsity[-10:]
@@ -53,7 +53,7 @@ def test_remoe_loss_falls_and_sparsity_reaches_target(remoe_run):
 
 def test_l1_coeff_follows_the_alpha_rule_step_by_step(remoe_run):
     """lambda_{i+1} = lambda_i * alpha if S_i < 1 - k/E else lambda_i / alpha (paper Eq. 7)."""
-    lam, sparsity = remoe_run["remoe/l1_coeff"], remoe_run["remoe/sparsity"]
+    lam, sparsity = remoe_run["remoe/l1_coeff"], remoe_run["moe/sparsity"]
     assert lam[1] == pytest.approx(1e-3, rel=1e-6)
     steps = sorted(lam)
     ups = downs = 0
@@ -76,13 +76,13 @@ def test_routing_observability_reaches_tensorboard(remoe_run, remoe_dump):
     settling = remoe_run["remoe/settling_step"]
     first3 = min(s for s, v in remoe_run["remoe/stage"].items() if v == 3)
     assert set(settling.values()) == {first3}
-    assert remoe_run["remoe/sparsity"][first3] >= TARGET
+    assert remoe_run["moe/sparsity"][first3] >= TARGET
     for layer in range(4):
         assert len(remoe_run[f"moe_layers/sparsity/layer_{layer}"]) == STEPS
     # Mean of the per-layer sparsities equals the overall one (same token count in every layer).
     for step in (1, STEPS):
         layers = [remoe_run[f"moe_layers/sparsity/layer_{i}"][step] for i in range(4)]
-        assert _mean(layers) == pytest.approx(remoe_run["remoe/sparsity"][step], rel=1e-5)
+        assert _mean(layers) == pytest.approx(remoe_run["moe/sparsity"][step], rel=1e-5)
     assert "moe/expert_load" in image_tags(remoe_dump)
 
 
@@ -113,7 +113,7 @@ def test_resume_continues_the_run_exactly(tmp_path):
     run_training("debug_remoe.toml", resumed, *common, "--training.steps", "9")
     run_training("debug_remoe.toml", resumed, *common, "--training.steps", "12")
     a, b = read_run(straight), read_run(resumed)
-    for tag in ("loss_metrics/global_avg_loss", "remoe/l1_coeff", "remoe/sparsity", "remoe/l1_loss", "lr", "remoe/stage"):
+    for tag in ("loss_metrics/global_avg_loss", "remoe/l1_coeff", "moe/sparsity", "remoe/l1_loss", "lr", "remoe/stage"):
         for step in range(1, 13):
             assert b[tag][step] == pytest.approx(a[tag][step], rel=1e-6, abs=1e-9), (tag, step)
     # The stage tracker is in the checkpoint: after the resume the settling step is still the original
@@ -132,10 +132,10 @@ def test_two_ranks_with_gradient_accumulation_share_lambda(tmp_path):
     )
     ranks = [read_run(d) for d in sorted(tmp_path.glob("tb/*/rank_*"))]
     assert len(ranks) == 2
-    for tag in ("remoe/l1_coeff", "remoe/sparsity", "loss_metrics/global_avg_loss"):
+    for tag in ("remoe/l1_coeff", "moe/sparsity", "loss_metrics/global_avg_loss"):
         assert ranks[0][tag] == ranks[1][tag], tag
         assert len(ranks[0][tag]) == 8
-    lam, s = ranks[0]["remoe/l1_coeff"], ranks[0]["remoe/sparsity"]
+    lam, s = ranks[0]["remoe/l1_coeff"], ranks[0]["moe/sparsity"]
     for i in range(1, 8):
         expected = lam[i] * ALPHA if s[i] < TARGET else lam[i] / ALPHA
         assert lam[i + 1] == pytest.approx(expected, rel=1e-5)

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = build_tiktoken_tokenizer(config)
     model = load_model(config, a.checkpoint, device)
     if not model.moe_layers():
-        raise SystemExit(f"{a.config}: moe.router = 'dense' has no routing to analyse")
+        raise SystemExit(f"{a.config}: moe.router = {config.moe.router!r} has no experts, so no routing to analyse")
     key = "validation" if a.split == "validation" else "training"
     section = getattr(config, key)
     if section.dataset_path and is_shard_dir(Path(section.dataset_path)):

@@ -1,7 +1,7 @@
 """config.json and generation_config.json of an exported model.
 
 Dense runs are exactly transformers' LlamaForCausalLM (no remote code). ReLU and TopK runs use the
-remote code shipped beside the weights (configuration_remoe.py / modeling_remoe.py, `auto_map`).
+remote code (the routers whose spec says `hf_remote_code`) shipped beside the weights (configuration_remoe.py / modeling_remoe.py, `auto_map`).
 Both write `rope_theta` (transformers 4.x) and `rope_parameters` (5.x): 4.57 and 5.24 load the same folder
 to the same logits.
 """
@@ -10,14 +10,29 @@ import json
 import shutil
 from pathlib import Path
 
+from remoe_recipe.config import ConfigError
 from remoe_recipe.data.tokenizer import TiktokenTokenizer
 from remoe_recipe.model import ReMoEModelArgs
+from remoe_recipe.routers import get_router, router_names
 
 REMOTE_CODE = ("configuration_remoe.py", "modeling_remoe.py")
 _HERE = Path(__file__).parent
 
 
+def hf_export_problem(router: str) -> str | None:
+    """Why a run with this router cannot be exported to Hugging Face, or None."""
+    if get_router(router).hf_remote_code:
+        return None
+    supported = [name for name in router_names() if get_router(name).hf_remote_code]
+    return (
+        f"moe.router = {router!r}: the Hugging Face export (remote code hf/modeling_remoe.py) implements "
+        f"{', '.join(supported)}; evaluate and generate this run with the recipe's own model instead"
+    )
+
+
 def hf_config_dict(args: ReMoEModelArgs, tokenizer: TiktokenTokenizer, dtype: str) -> dict:
+    if problem := hf_export_problem(args.moe.router):
+        raise ConfigError(problem)
     common = {
         "vocab_size": args.vocab_size,
         "hidden_size": args.dim,

@@ -1,21 +1,22 @@
 """The parallel layout a run asks for, resolved for a world size and checked before any training.
 
-torchtitan builds two meshes over the same ranks (notes: ParallelDims): a dense one,
+torchtitan builds two meshes over the same ranks (its ParallelDims): a dense one,
 `[dp_replicate, fsdp]`, for everything but the routed experts, and a sparse one,
 `[dp_replicate, efsdp, ep]`, for the experts. Expert parallelism borrows data-parallel ranks: the
 `ep` ranks of one FSDP group each hold 1/ep of the experts and exchange tokens by all-to-all, and
 the experts are FSDP-sharded over the remaining `efsdp = dp_shard / ep` ranks.
 
-Every check here fails with a ConfigError whose message names the key, in one line: `validate.py`
-runs it at parse time (world size from torchrun's WORLD_SIZE), `parallelize_remoe` again with the
-world size of the process group, and the dry run with the world size it is asked about.
+Every check here fails with a ConfigError whose message names the key, in one line: the config check
+(`validate.py`) runs it at parse time, for torchrun's WORLD_SIZE or the dry run's --world_size, and
+`parallelize_remoe` again as a guard with the world size of the process group it is given.
 """
 
 from dataclasses import dataclass
 
 from remoe_recipe.config import ConfigError
+from remoe_recipe.routers import get_router
 
-# Op-level selective AC + FSDP + EP > 1 fails in PyTorch's backward (notes; torchtitan issue #3427).
+# Op-level selective AC + FSDP + EP > 1 fails in PyTorch's backward (torchtitan issue #3427).
 OP_SAC_EP_ERROR = (
     "activation_checkpoint.selective_ac_option = 'op' with parallelism.expert_parallel_degree = {ep} "
     "fails inside PyTorch's backward ('_record_function_enter_new ... not found in storage', "
@@ -96,9 +97,9 @@ def check_layout(job_config, world_size: int) -> Layout:
         )
     ep = layout.ep
     if ep > 1:
-        if moe.router == "dense":
+        if not get_router(moe.router).has_experts:
             raise ConfigError(
-                f"parallelism.expert_parallel_degree = {ep}: moe.router = 'dense' has no experts to distribute"
+                f"parallelism.expert_parallel_degree = {ep}: moe.router = {moe.router!r} has no experts to distribute"
             )
         num_experts = moe.num_experts * moe.granularity
         if num_experts % ep:

@@ -28,6 +28,7 @@ from remoe_recipe.infra.checkpoint_layout import check_checkpoint_fits, checkpoi
 from remoe_recipe.infra.compile import apply_compile
 from remoe_recipe.infra.expert_parallel import apply_expert_parallel
 from remoe_recipe.infra.layout import check_layout
+from remoe_recipe.routers import get_router
 from remoe_recipe.platform import force_sum_reduction_for_gloo, init_like_one_process
 
 
@@ -95,7 +96,7 @@ def parallelize_remoe(model: nn.Module, parallel_dims: ParallelDims, job_config)
             edp_mesh=parallel_dims.get_optional_mesh(edp_names),
         )
         force_sum_reduction_for_gloo(model)
-        if not parallel_dims.ep_enabled and job_config.moe.router == "relu":
+        if not parallel_dims.ep_enabled and get_router(job_config.moe.router).variable_pairs:
             explicit_prefetch(model)
         logger.info("Applied %s to the model", "HSDP" if parallel_dims.dp_replicate_enabled else "FSDP")
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from torch import nn
 from torchtitan.protocols.model import BaseModelArgs
 
-from remoe_recipe.config import ConfigError, MoEConfig, validate_moe
+from remoe_recipe.config import ConfigError, MoEConfig, moe_problems
+from remoe_recipe.routers import get_router
 
 VOCAB_MULTIPLE = 1024
 
@@ -64,7 +65,8 @@ class ReMoEModelArgs(BaseModelArgs):
 
     @property
     def is_moe(self) -> bool:
-        return self.moe.router != "dense"
+        """Whether the FFN is a mixture of experts (every registered router but the dense baseline)."""
+        return get_router(self.moe.router).has_experts
 
     @property
     def num_routed_experts(self) -> int:
@@ -91,19 +93,28 @@ class ReMoEModelArgs(BaseModelArgs):
         return 1.0 - self.moe.top_k / self.moe.num_experts
 
     # ---- torchtitan hooks -----------------------------------------------------------------
-    def validate(self) -> None:
-        validate_moe(self.moe)
+    def problems(self) -> list[str]:
+        """The [moe] values, then how they fit the flavor: one line per problem."""
+        problems = moe_problems(self.moe)
+        if problems:
+            return problems
         if self.dim % self.n_heads:
-            raise ConfigError(f"flavor {self.flavor!r}: dim {self.dim} not divisible by n_heads {self.n_heads}")
+            problems.append(f"flavor {self.flavor!r}: dim {self.dim} not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(
+            problems.append(
                 f"flavor {self.flavor!r}: n_heads {self.n_heads} not divisible by n_kv_heads {self.n_kv_heads}"
             )
         if self.is_moe and self.ffn_dim % self.moe.granularity:
-            raise ConfigError(
+            problems.append(
                 f"moe.granularity = {self.moe.granularity} does not divide the FFN width "
                 f"{self.ffn_dim} of flavor {self.flavor!r}"
             )
+        return problems
+
+    def validate(self) -> None:
+        """torchtitan's hook, also run when a model is built outside the trainer (export, tests)."""
+        if problems := self.problems():
+            raise ConfigError("\n".join(problems))
 
     def update_from_config(self, job_config, **kwargs) -> None:
         """Take the [moe] section, the sequence length and the tokenizer's vocabulary."""

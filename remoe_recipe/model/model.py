@@ -17,6 +17,8 @@ from torch import nn
 from torchtitan.models.llama3.model.model import apply_rotary_emb
 from torchtitan.protocols.train_spec import ModelProtocol
 
+from remoe_recipe.routers import build_router
+
 from .args import ReMoEModelArgs
 from .moe import MoE, RouterRecord
 
@@ -76,7 +78,7 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ReMoEModelArgs):
+    def __init__(self, args: ReMoEModelArgs, layer_id: int = 0):
         super().__init__()
         self.attention = Attention(args)
         self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
@@ -86,10 +88,7 @@ class TransformerBlock(nn.Module):
             self.moe = MoE(
                 dim=args.dim,
                 expert_dim=args.expert_dim,
-                num_experts=args.num_routed_experts,
-                top_k=args.routed_top_k,
-                router=args.moe.router,
-                load_balance=args.moe.load_balance,
+                router=build_router(args.moe.router, args, layer_id),
                 use_grouped_mm=args.moe.expert_impl == "grouped_mm",
                 pair_chunk_size=args.moe.pair_chunk_size,
                 num_moe_layers=args.n_layers,
@@ -97,10 +96,12 @@ class TransformerBlock(nn.Module):
         else:
             self.feed_forward = FeedForward(args.dim, args.dense_ffn_dim)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """token_ids [B, S]: the input tokens, for routers that route by token id (hash)."""
         h = x + self.attention(self.attention_norm(x), freqs_cis)
-        ffn = self.moe if self.moe_enabled else self.feed_forward
-        return h + ffn(self.ffn_norm(h))
+        if self.moe_enabled:
+            return h + self.moe(self.ffn_norm(h), token_ids)
+        return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self, init_std: float, output_std: float) -> None:
         self.attention.init_weights(init_std, output_std)
@@ -116,7 +117,7 @@ class ReMoETransformer(ModelProtocol):
             raise ValueError("vocab_size is unset: call ReMoEModelArgs.update_from_config first")
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, i) for i in range(args.n_layers)})
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer(
@@ -129,7 +130,7 @@ class ReMoETransformer(ModelProtocol):
             raise ValueError("ReMoETransformer uses causal SDPA: attention masks / positions are not supported")
         h = self.tok_embeddings(tokens)
         for layer in self.layers.values():
-            h = layer(h, self.freqs_cis)
+            h = layer(h, self.freqs_cis, tokens)
         return self.output(self.norm(h))
 
     def init_weights(self, buffer_device: torch.device | None = None) -> None:

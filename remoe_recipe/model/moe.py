@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from torchtitan.models.moe.moe import GroupedExperts
 
-from .router import ReLURouter, Routing, TopKRouter
+from remoe_recipe.routers.routing import Router, Routing
 
 # torch._grouped_mm on CUDA wants each expert's row count aligned; torchtitan pads to 8 for bf16.
 GROUP_ALIGNMENT = 8
@@ -137,7 +137,7 @@ class Experts(GroupedExperts):
 class RouterRecord:
     """What one MoE layer reports for one forward, for the training loop to scale and aggregate."""
 
-    loss_term: torch.Tensor  # 0-d fp32 with grad: Eq. 9/10 term (relu) or Switch aux term (topk)
+    loss_term: torch.Tensor  # 0-d fp32 with grad: the router's loss term (Routing.loss_term)
     tokens_per_expert: torch.Tensor  # [N] fp32, detached: active pairs per expert
     num_tokens: int
 
@@ -177,30 +177,22 @@ def chunk_limit(
 
 
 class MoE(nn.Module):
+    """An MoE layer around a routing module (remoe_recipe.routers): any router, any number of pairs."""
+
     def __init__(
         self,
         dim: int,
         expert_dim: int,
-        num_experts: int,
-        top_k: int,
-        router: str,
-        load_balance: bool,
+        router: Router,
         use_grouped_mm: bool,
         pair_chunk_size: int = -1,
         num_moe_layers: int = 1,
     ):
         super().__init__()
-        if router == "relu":
-            self.router = ReLURouter(dim, num_experts, top_k, load_balance)
-        elif router == "topk":
-            self.router = TopKRouter(dim, num_experts, top_k)
-        else:
-            raise ValueError(f"moe.router = {router!r}: the MoE layer needs 'relu' or 'topk'")
-        self.experts = Experts(dim, expert_dim, num_experts, use_grouped_mm)
-        # by name: torch.compile wraps the router module (infra/compile.py), so isinstance would fail
-        self.router_kind = router
-        self.num_experts = num_experts
-        self.top_k = top_k
+        self.router = router
+        self.experts = Experts(dim, expert_dim, router.num_experts, use_grouped_mm)
+        self.num_experts = router.num_experts
+        self.top_k = router.top_k
         self.pair_chunk_size = pair_chunk_size
         self.num_moe_layers = num_moe_layers  # the memory the auto chunking weighs is all layers'
         # Set by each forward outside recompute; taken (and cleared) by `pop_record`.
@@ -214,10 +206,11 @@ class MoE(nn.Module):
     def _num_pairs(self, routing: Routing, tokens_per_expert: torch.Tensor, num_tokens: int) -> int:
         if in_recompute() and self._forward_pairs is not None:
             return self._forward_pairs
-        if self.router_kind == "topk":
-            pairs = num_tokens * self.top_k  # every token has exactly k experts: no host read
-        else:
-            pairs = int(tokens_per_expert.sum())  # the layer's one host sync (ReLU: variable k)
+        # The router fixes the count (TopK: T * k; no host read), or only its mask knows (ReLU): then
+        # this is the layer's one host sync. (torch.compile wraps the router; attributes pass through.)
+        pairs = self.router.num_pairs(num_tokens)
+        if pairs is None:
+            pairs = int(tokens_per_expert.sum())
         self._forward_pairs = pairs
         return pairs
 
@@ -243,14 +236,16 @@ class MoE(nn.Module):
         weights = gates.flatten().index_select(0, token_idx * self.num_experts + expert_idx)
         return token_idx, routed_out.float() * weights.unsqueeze(-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., D]; token_ids [...] the tokens' ids, for routers that route by id (hash)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         num_tokens = x.shape[0]
-        routing: Routing = self.router(x)
+        routing: Routing = self.router(x, token_ids.reshape(-1) if token_ids is not None else None)
         tokens_per_expert = routing.mask.sum(dim=0)
         expert_parallel = self._expert_parallel()
-        if expert_parallel and self.router_kind != "topk" and getattr(self.experts, "exchange_trims_rows", False):
+        variable = self.router.num_pairs(num_tokens) is None
+        if expert_parallel and variable and getattr(self.experts, "exchange_trims_rows", False):
             # The exchange reads the pair count with its split sizes (infra/expert_parallel.py): pass
             # every pair a token could have, the real ones first, and let it trim. No read here.
             num_pairs = num_tokens * self.num_experts
@@ -311,5 +306,5 @@ class MoE(nn.Module):
         return record
 
     def init_weights(self, init_std: float, output_std: float) -> None:
-        nn.init.normal_(self.router.gate.weight, mean=0.0, std=init_std)
+        self.router.init_weights(init_std)
         self.experts.init_weights(init_std, output_std)
