@@ -12,6 +12,9 @@ Definitions:
 - dead expert: load below DEAD_EXPERT_FRACTION of the fair share over the logging window.
 """
 
+import json
+import os
+
 import torch
 
 from remoe_recipe import named_tensors
@@ -66,6 +69,33 @@ class RoutingMonitor:
             )
         scalars.update(self.objective.scalars({tag: host[f"objective:{tag}"] for tag in own}))
         return scalars, rel
+
+
+EXPERT_LOAD_FILE = "expert_load.jsonl"
+
+
+def append_expert_load(run_dir: str, step: int, relative_load: list[float], num_layers: int, num_experts: int) -> None:
+    """One line of RUN/expert_load.jsonl: every expert's load over the logging window ending at `step`, relative
+    to its layer's fair share, [layer][expert]. TensorBoard keeps per-layer summaries and a picture every 10th
+    logged step; this file keeps which expert was starved when (analysis.health reads it)."""
+    rows = [relative_load[layer * num_experts : (layer + 1) * num_experts] for layer in range(num_layers)]
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, EXPERT_LOAD_FILE), "a") as f:
+        f.write(json.dumps({"step": step, "relative_load": [[round(v, 6) for v in row] for row in rows]}) + "\n")
+
+
+def read_expert_load(run_dir) -> dict[int, list[list[float]]]:
+    """{step: [layer][expert] relative load}; a step logged twice (a resume from an earlier checkpoint) keeps
+    the later line. Empty when the run has no such file."""
+    path = os.path.join(run_dir, EXPERT_LOAD_FILE)
+    loads: dict[int, list[list[float]]] = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    record = json.loads(line)
+                    loads[int(record["step"])] = record["relative_load"]
+    return loads
 
 
 def load_image(relative_load: list[float], num_layers: int, num_experts: int):

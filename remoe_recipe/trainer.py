@@ -31,7 +31,7 @@ from remoe_recipe.finiteness import NonFiniteError, describe_non_finite, first_n
 from remoe_recipe.infra.checkpoint_layout import (
     CheckpointError, check_resume, checkpoint_to_resume, first_line, other_steps_hint,
 )
-from remoe_recipe.metrics import RoutingMonitor, load_image, tensorboard_writer
+from remoe_recipe.metrics import RoutingMonitor, append_expert_load, load_image, tensorboard_writer
 from remoe_recipe.platform import enable_cpu_training, has_accelerator
 from remoe_recipe.router_loss import RouterLossWrapper
 from remoe_recipe.routers import get_router
@@ -198,11 +198,14 @@ class ReMoETrainer(Trainer):
     def _log_routing(self, scalars: dict[str, float], relative_load: list[float], progress: str) -> None:
         scalars.update(self.routing_health.scalars())
         self.metrics_processor.logger.log(scalars, self.step)
+        args = self.model_args
+        if not dist.is_initialized() or dist.get_rank() == 0:  # every rank holds the same reduced loads
+            append_expert_load(self.job_config.job.dump_folder, self.step, relative_load, args.n_layers,
+                               args.num_routed_experts)
         writer = tensorboard_writer(self.metrics_processor.logger)
         # The heat map takes ~0.2 s to draw: at the first and last step and every 10th logged step.
         every = 10 * self.job_config.metrics.log_freq
         if writer is not None and (self.step in (1, self.job_config.training.steps) or self.step % every == 0):
-            args = self.model_args
             image = load_image(relative_load, args.n_layers, args.num_routed_experts)
             writer.add_image("moe/expert_load", image, self.step, dataformats="HWC")
         shown = [k for k in scalars if not k.startswith("moe_layers/")]

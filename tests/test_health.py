@@ -108,3 +108,35 @@ def test_min_relative_load_is_the_least_used_expert_share():
         load = [sum(masks[l][t][e] for t in range(T)) for e in range(N)]
         shares += [x / (sum(load) / N) for x in load]
     assert scalars["moe/min_relative_load"] == pytest.approx(min(shares)) == 0.0
+
+
+def test_starvation_is_counted_per_expert_from_the_load_file():
+    """The paper's criterion is per expert: 3 experts each starved in 6 of 81 stage-III windows (7 %) pass,
+    although some expert is starved in 18 windows (22 %); one expert starved in 9 windows (11 %) fails."""
+    def loads(starved_at):  # {expert index: steps at which it is starved}; 2 layers x 4 experts
+        out = {}
+        for step in range(1, STEPS + 1):
+            rows = [[1.0] * 4 for _ in range(2)]
+            for (layer, expert), steps in starved_at.items():
+                if step in steps:
+                    rows[layer][expert] = 0.01  # < 1/64
+            out[step] = rows
+        return out
+
+    spread = {(0, 1): range(21, 27), (1, 2): range(41, 47), (1, 3): range(61, 67)}
+    scalars = _relu_run(starved_steps=[s for r in spread.values() for s in r])
+    h = assess("spread", scalars, TARGET, loads(spread))
+    assert h.starved_share == pytest.approx(6 / 81) and h.any_starved_share == pytest.approx(18 / 81)
+    assert h.no_starved_experts
+    one = {(1, 0): range(30, 39)}
+    h = assess("one", _relu_run(starved_steps=range(30, 39)), TARGET, loads(one))
+    assert h.starved_share == pytest.approx(9 / 81) and not h.no_starved_experts
+
+
+def test_the_load_file_keeps_the_later_line_of_a_step_logged_twice(tmp_path):
+    from remoe_recipe.metrics import append_expert_load, read_expert_load
+
+    append_expert_load(str(tmp_path), 10, [0.5, 1.5, 1.0, 1.0], 2, 2)
+    append_expert_load(str(tmp_path), 20, [0.0, 2.0, 1.0, 1.0], 2, 2)
+    append_expert_load(str(tmp_path), 10, [1.0, 1.0, 0.25, 1.75], 2, 2)  # resumed from step 0
+    assert read_expert_load(tmp_path) == {10: [[1.0, 1.0], [0.25, 1.75]], 20: [[0.0, 2.0], [1.0, 1.0]]}

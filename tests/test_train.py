@@ -41,6 +41,21 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
+def test_the_expert_load_file_matches_the_logged_scalars(remoe_dump, remoe_run):
+    """RUN/expert_load.jsonl: one [layer][expert] row set per logged step, oriented as TensorBoard's summaries
+    (each layer's mean is its fair share 1, its max the layer's imbalance, the least of all the min load)."""
+    from remoe_recipe.metrics import read_expert_load
+
+    loads = read_expert_load(remoe_dump)
+    assert sorted(loads) == list(range(1, STEPS + 1))  # log_freq 1
+    for step, rows in loads.items():
+        assert len(rows) == 4 and all(len(row) == 8 for row in rows)
+        assert min(min(row) for row in rows) == pytest.approx(remoe_run["moe/min_relative_load"][step], abs=1e-6)
+        for layer, row in enumerate(rows):
+            assert _mean(row) == pytest.approx(1.0, abs=1e-5)
+            assert max(row) == pytest.approx(remoe_run[f"moe_layers/imbalance/layer_{layer}"][step], rel=1e-5)
+
+
 def test_remoe_loss_falls_and_sparsity_reaches_target(remoe_run):
     loss = _series(remoe_run, "loss_metrics/global_avg_loss")
     assert len(loss) == STEPS
