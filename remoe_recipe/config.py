@@ -43,11 +43,6 @@ class MoEConfig:
     load_balance: bool = True
     """true: load-balance-aware L1 (paper Eq. 10); false: plain L1 (Eq. 9)."""
 
-    l1_coeff_per_layer: bool = False
-    """Not in the paper (opt-in): one lambda per MoE layer, each multiplied or divided by alpha from its own
-    layer's sparsity against 1 - k/E, the penalty being the mean over layers of lambda_l * L1_l. Default
-    false: the paper's one lambda, from the sparsity over all layers (Eq. 7-8)."""
-
     aux_loss_coeff: float = 1e-2
     """TopK's Switch-style load-balancing loss coefficient (paper: 1e-2)."""
 
@@ -127,8 +122,7 @@ def moe_problems(moe: MoEConfig) -> list[str]:
     problems = [p for name, expected in (
         ("num_experts", int), ("top_k", int), ("granularity", int), ("ffn_expansion", int),
         ("l1_coeff_init", float), ("l1_coeff_multiplier", float), ("aux_loss_coeff", float),
-        ("load_balance", bool), ("l1_coeff_per_layer", bool), ("router", str), ("expert_impl", str),
-        ("pair_chunk_size", int),
+        ("load_balance", bool), ("router", str), ("expert_impl", str), ("pair_chunk_size", int),
     ) if (p := _type_problem(f"moe.{name}", getattr(moe, name), expected))]
     if problems:
         return problems

@@ -130,7 +130,7 @@ def test_topk_monitor_logs_aux_loss_and_no_remoe_scalars():
     assert not any(k.startswith("remoe/") for k in scalars)
 
 
-@pytest.mark.parametrize("router", ["relu", "relu_per_layer", "topk", "hash", "expert_choice"])
+@pytest.mark.parametrize("router", ["relu", "topk", "hash", "expert_choice"])
 def test_every_logged_tag_is_documented_once(router):
     """The tags a router's run writes (shared MoE metrics, routing alerts, the router's own) each appear in
     docs/observability.md, and no two tags carry the same value by construction (one name per quantity)."""
@@ -141,10 +141,8 @@ def test_every_logged_tag_is_documented_once(router):
     from remoe_recipe.routing_health import RoutingHealth
 
     L_, N_ = 2, 4
-    per_layer = router == "relu_per_layer"
-    moe = MoEConfig(router="relu", l1_coeff_per_layer=True) if per_layer else MoEConfig(router=router)
-    args = SimpleNamespace(moe=moe, target_sparsity=0.75, n_layers=L_)
-    objective = get_router(moe.router).objective(args, torch.device("cpu"))
+    args = SimpleNamespace(moe=MoEConfig(router=router), target_sparsity=0.75)
+    objective = get_router(router).objective(args, torch.device("cpu"))
     stats = StepRoutingStats(L_, N_, torch.device("cpu"))
     stats.add([RouterRecord(torch.tensor(0.5 + l), torch.tensor([3.0, 1.0, 0.0, 2.0]), 6) for l in range(L_)],
               torch.tensor(12.0), torch.tensor(6))

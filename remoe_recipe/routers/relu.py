@@ -5,8 +5,7 @@
   Eq. 10 with f treated as a constant.
 - AdaptiveL1Objective: the penalty λ · mean over layers of the loss terms (Eq. 6/10's 1/L; the official
   code sums the layers, so its λ is the paper's λ / L), with λ multiplied or divided by α after every step
-  (Eq. 7, sparsity.py), and the training stages of §3.5 tracked for TensorBoard. Opt-in and not in the paper:
-  one λ per layer (`[moe] l1_coeff_per_layer`), each driven by its own layer's sparsity.
+  (Eq. 7, sparsity.py), and the training stages of §3.5 tracked for TensorBoard.
 """
 
 import torch
@@ -53,10 +52,9 @@ class StageTracker:
         self.stage2_step = torch.tensor(-1, device=device)
         self.stage3_step = torch.tensor(-1, device=device)
 
-    def observe(self, step: int, stats, penalty: torch.Tensor) -> None:
-        """`penalty`: the step's λ · L1 (mean over layers)."""
+    def observe(self, step: int, stats, l1_coeff: torch.Tensor) -> None:
         step_t = torch.tensor(step, device=self.stage2_step.device)
-        penalty_matters = penalty >= STAGE2_PENALTY_RATIO * stats.lm_loss
+        penalty_matters = l1_coeff * stats.loss_term >= STAGE2_PENALTY_RATIO * stats.lm_loss
         at_target = stats.sparsity >= self.target_sparsity
         # A run that reaches the target first (e.g. a large λ0) skips straight to stage III.
         enter2 = (self.stage2_step < 0) & (penalty_matters | at_target)
@@ -68,45 +66,31 @@ class AdaptiveL1Objective(RouterObjective):
     def __init__(self, args, device):
         super().__init__(args, device)
         moe = args.moe
-        # Opt-in, not in the paper: one λ per layer (`[moe] l1_coeff_per_layer`).
-        self.per_layer = moe.l1_coeff_per_layer
         self.controller = L1CoefficientController(
-            moe.l1_coeff_init, moe.l1_coeff_multiplier, args.target_sparsity, device,
-            num_layers=args.n_layers if self.per_layer else None,
+            moe.l1_coeff_init, moe.l1_coeff_multiplier, args.target_sparsity, device
         )
         self.stages = StageTracker(args.target_sparsity, device)
         self.coeff_used = self.controller.coeff  # the λ of the last step, for its metrics
 
-    def loss_coeff(self) -> torch.Tensor | float:
-        return 1.0 if self.per_layer else self.controller.coeff
+    def loss_coeff(self) -> torch.Tensor:
+        return self.controller.coeff
 
     def reduce_layers(self, layer_terms: torch.Tensor) -> torch.Tensor:
-        if self.per_layer:
-            return (self.controller.coeff * layer_terms).mean()
         return layer_terms.mean()
-
-    def _penalty(self, stats) -> torch.Tensor:
-        if self.per_layer:
-            return (self.coeff_used * stats.layer_loss_term).mean()
-        return self.coeff_used * stats.loss_term
 
     def after_step(self, step: int, stats) -> None:
         self.coeff_used = self.controller.coeff
-        self.stages.observe(step, stats, self._penalty(stats))
-        self.controller.update(stats.layer_sparsity if self.per_layer else stats.sparsity)
+        self.stages.observe(step, stats, self.coeff_used)
+        self.controller.update(stats.sparsity)
 
     def log_tensors(self, stats) -> dict[str, torch.Tensor]:
-        tensors = {
-            # per layer: the mean of the layers' λ (each is also logged on its own)
-            "remoe/l1_coeff": self.coeff_used.mean() if self.per_layer else self.coeff_used,
+        return {
+            "remoe/l1_coeff": self.coeff_used,
             "remoe/l1_loss": stats.loss_term,
-            "remoe/penalty": self._penalty(stats),
+            "remoe/penalty": self.coeff_used * stats.loss_term,
             "remoe/stage2_step": self.stages.stage2_step,
             "remoe/settling_step": self.stages.stage3_step,
         }
-        if self.per_layer:
-            tensors.update({f"moe_layers/l1_coeff/layer_{i}": c for i, c in enumerate(self.coeff_used.unbind())})
-        return tensors
 
     def scalars(self, values: dict[str, float]) -> dict[str, float]:
         stage2, stage3 = values.pop("remoe/stage2_step"), values.pop("remoe/settling_step")
@@ -148,7 +132,7 @@ SPEC = register_router(RouterSpec(
         args.dim, args.num_routed_experts, args.routed_top_k, args.moe.load_balance
     ),
     objective=AdaptiveL1Objective,
-    config_keys=("l1_coeff_init", "l1_coeff_multiplier", "load_balance", "l1_coeff_per_layer"),
+    config_keys=("l1_coeff_init", "l1_coeff_multiplier", "load_balance"),
     check=_check,
     variable_pairs=True,
     # ReLU gates of a fresh router are open for about half the experts (Fig. 4: stage I is dense).
