@@ -203,12 +203,12 @@ class MoE(nn.Module):
         # How many chunks the last forward ran the experts in (1: unchunked); for tests and benchmarks.
         self.last_num_chunks = 0
 
-    def _num_pairs(self, routing: Routing, tokens_per_expert: torch.Tensor, num_tokens: int) -> int:
+    def _num_pairs(self, static_pairs: int | None, tokens_per_expert: torch.Tensor) -> int:
         if in_recompute() and self._forward_pairs is not None:
             return self._forward_pairs
         # The router fixes the count (TopK: T * k; no host read), or only its mask knows (ReLU): then
-        # this is the layer's one host sync. (torch.compile wraps the router; attributes pass through.)
-        pairs = self.router.num_pairs(num_tokens)
+        # this is the layer's one host sync.
+        pairs = static_pairs
         if pairs is None:
             pairs = int(tokens_per_expert.sum())
         self._forward_pairs = pairs
@@ -244,13 +244,14 @@ class MoE(nn.Module):
         routing: Routing = self.router(x, token_ids.reshape(-1) if token_ids is not None else None)
         tokens_per_expert = routing.mask.sum(dim=0)
         expert_parallel = self._expert_parallel()
-        variable = self.router.num_pairs(num_tokens) is None
-        if expert_parallel and variable and getattr(self.experts, "exchange_trims_rows", False):
+        # (torch.compile wraps the router; its attributes pass through.)
+        static_pairs = self.router.num_pairs(num_tokens)
+        if expert_parallel and static_pairs is None and getattr(self.experts, "exchange_trims_rows", False):
             # The exchange reads the pair count with its split sizes (infra/expert_parallel.py): pass
             # every pair a token could have, the real ones first, and let it trim. No read here.
             num_pairs = num_tokens * self.num_experts
         else:
-            num_pairs = self._num_pairs(routing, tokens_per_expert, num_tokens)
+            num_pairs = self._num_pairs(static_pairs, tokens_per_expert)
         # Expert-major list of active pairs: tokens of expert 0, then of expert 1, ... (static size;
         # past the real pairs, under the exchange's bound, (0, 0) fills that are never sent)
         expert_idx, token_idx = torch.nonzero_static(routing.mask.t(), size=num_pairs, fill_value=0).unbind(1)
