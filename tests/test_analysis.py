@@ -2,11 +2,16 @@
 
 from pathlib import Path
 
+import re
+
 import pytest
 import torch
 
-from remoe_recipe.analysis import routing, runs
+from remoe_recipe.analysis import compute_match, routing, runs
 from remoe_recipe.data import load_tokenizer
+from remoe_recipe.model.args import remoe_flavors
+from remoe_recipe.model.model import ReMoETransformer
+from remoe_recipe.preflight import load_config
 from tests.runs import run_training
 
 
@@ -91,6 +96,42 @@ def test_runs_figure_has_every_panel(tiny_checkpoint, tmp_path):
     assert drawn["validation loss"] == 0  # validation is off in these short runs
     with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
         runs.read_run(tmp_path / "nothing")
+
+
+def test_active_experts_are_interpolated_between_logged_steps():
+    values = compute_match.active_per_step({1: 8.0, 11: 3.0, 21: 1.0}, 25)
+    assert len(values) == 25
+    assert values[0] == 8.0 and values[5] == pytest.approx(5.5) and values[10] == 3.0  # steps 1, 6, 11
+    assert values[15] == pytest.approx(2.0) and values[20:] == [1.0] * 5  # step 16; flat after the last log
+    assert compute_match.run_length({1: 8.0, 10: 3.0}, 15, 10) == 15  # steps 11-15 were not logged
+    assert compute_match.run_length({1: 8.0, 10: 3.0}, 30, 10) == 10  # the run stopped at step 10
+
+
+def test_compute_matched_topk_steps_from_a_relu_run(tiny_checkpoint, capsys):
+    """Against an independent count of the FLOPs per token: the model's own parameters (on the meta device), 6
+    FLOPs per matrix parameter a token passes through plus the attention scores, per step from the log."""
+    compute_match.main([str(tiny_checkpoint)])
+    got = float(re.search(r"compute-matched TopK: ([\d.]+) steps", capsys.readouterr().out).group(1))
+
+    active = runs.read_run(tiny_checkpoint)["moe/active_experts_per_token"]
+    assert sorted(active) == list(range(1, 7))  # logged every step: no interpolation
+    config = load_config(["--job.config_file", str(tiny_checkpoint / "config.toml")])
+    args = remoe_flavors()[config.model.flavor]
+    args.update_from_config(config)
+    with torch.device("meta"):
+        model = ReMoETransformer(args)
+    params = dict(model.named_parameters())
+    expert = sum(p.numel() for n, p in params.items() if ".moe.experts." in n) / (args.n_layers * 4)
+    shared = sum(p.numel() for n, p in params.items() if ".moe.experts." not in n and n != "tok_embeddings.weight")
+    seq_len = config.training.seq_len
+    attention = 6 * args.n_layers * seq_len * 2 * args.dim  # QK^T and AV: 2 * seq_len * dim MACs per layer
+
+    def flops(active_experts):
+        return 6 * (shared + args.n_layers * active_experts * expert) + attention
+
+    expected = sum(flops(a) for a in active.values()) / flops(1)
+    assert got == pytest.approx(expected, abs=0.005)
+    assert got > 6  # stage I is denser than TopK's one expert per token
 
 
 def test_runs_with_the_same_folder_name_are_kept_apart(tmp_path):
