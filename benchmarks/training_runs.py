@@ -6,6 +6,10 @@
   against the same number of its stage-III steps, and the whole run's time relative to TopK.
 - quality: final validation loss of ReMoE, TopK (E=8, k=1) and dense at the same active size, steps and
   seeds, on the built-in corpus; mean and spread over seeds.
+- small: the shipped train_configs/small_{remoe,topk,dense}.toml over seeds, as shipped, plus a TopK run
+  compute-matched to each ReMoE run (paper §4.3; remoe_recipe.analysis.compute_match): validation loss and
+  the routing health table (remoe_recipe.analysis.health). Four runs per seed, two at a time: about an hour and
+  a half per seed on a 2-core CPU.
 """
 
 import os
@@ -37,6 +41,19 @@ def _run_pairs(jobs: list[tuple[str, Path, list[str]]]) -> None:
             _, err = proc.communicate()
             if proc.returncode != 0:
                 raise RuntimeError(f"{job[0]} failed:\n{err[-3000:]}")
+
+
+def _quality_table(title: str, losses: dict[str, list[float]]) -> dict:
+    result = {
+        r: {"mean": statistics.mean(v), "stdev": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
+        for r, v in losses.items()
+    }
+    print_table(
+        title, ["router", "mean", "stdev", "per seed"],
+        [[r, f"{result[r]['mean']:.4f}", f"{result[r]['stdev']:.4f}", ", ".join(f"{x:.4f}" for x in result[r]["values"])]
+         for r in losses],
+    )
+    return result
 
 
 def _scalars(dump: Path) -> dict[str, dict[int, float]]:
@@ -103,15 +120,40 @@ def quality(quick: bool = False) -> dict:
         for config, dump, overrides in jobs:
             router = next(r for r, c in routers.items() if c == config)
             losses[router].append(_scalars(dump)["validation_metrics/loss"][steps])
-    result = {
-        r: {"mean": statistics.mean(v), "stdev": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
-        for r, v in losses.items()
-    }
+    result = _quality_table(f"Validation loss on the built-in corpus (debug model, {steps} steps, seeds {seeds})", losses)
     result["steps"], result["seeds"] = steps, seeds
-    print_table(
-        f"Validation loss on the built-in corpus (debug model, {steps} steps, seeds {seeds})",
-        ["router", "mean", "stdev", "per seed"],
-        [[r, f"{result[r]['mean']:.4f}", f"{result[r]['stdev']:.4f}", ", ".join(f"{x:.4f}" for x in result[r]["values"])]
-         for r in routers],
-    )
     return {"quality": result}
+
+
+def small(quick: bool = False) -> dict:
+    from remoe_recipe.analysis.compute_match import match_run
+    from remoe_recipe.analysis.health import assess, format_table
+    from remoe_recipe.metrics import read_expert_load
+
+    seeds = [0] if quick else [0, 1, 2]
+    common = ["--training.steps", "100"] if quick else []  # quick: the validation still runs at the last step
+    routers = ("remoe", "topk", "dense")
+    losses: dict[str, list[float]] = {r: [] for r in (*routers, "topk_matched")}
+    rows, matched = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        dumps = {(r, seed): Path(tmp) / f"small_{r}_s{seed}" for seed in seeds for r in routers}
+        _run_pairs([(f"small_{r}.toml", dumps[r, seed], [*common, "--debug.seed", str(seed)]) for r, seed in dumps])
+        for seed in seeds:
+            matched[seed] = match_run(dumps["remoe", seed]).steps_to_train
+            dumps["topk_matched", seed] = Path(tmp) / f"small_topk_matched_s{seed}"
+        _run_pairs([
+            ("small_topk.toml", dumps["topk_matched", seed], ["--training.steps", str(matched[seed]), "--debug.seed", str(seed)])
+            for seed in seeds
+        ])
+        for (router, seed), dump in dumps.items():
+            scalars = _scalars(dump)
+            val = scalars["validation_metrics/loss"]
+            losses[router].append(val[max(val)])
+            if router != "dense":
+                target = 1 - 1 / 8 if router == "remoe" else None  # the small configs: E = 8, k = 1
+                rows.append(assess(dump.name, scalars, target, read_expert_load(dump)))
+    result = _quality_table(f"Validation loss, small configs (seeds {seeds}; TopK matched: {matched} steps)", losses)
+    print(format_table(rows))
+    result["matched_topk_steps"], result["seeds"] = matched, seeds
+    result["health"] = [vars(h) for h in rows]
+    return {"small": result}

@@ -14,6 +14,7 @@ the run's saved config (RUN/config.toml, written by the trainer); overrides afte
 
 import argparse
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from remoe_recipe.analysis.runs import read_run
@@ -54,38 +55,63 @@ def matched_steps(flops_per_token, active: list[float], top_k: float) -> tuple[f
     return total / flops_per_token(top_k), total
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass
+class Match:
+    steps: int  # the ReMoE run's
+    mean_active: float  # active experts per token, averaged over its steps
+    topk_steps: float  # TopK steps with the same training FLOPs
+    remoe_flops_per_token: float  # averaged over its steps
+    topk_flops_per_token: float
+    top_k: int
+
+    @property
+    def steps_to_train(self) -> int:
+        return math.ceil(self.topk_steps)
+
+
+def match_run(run_dir: Path, overrides: list[str] = ()) -> Match:
+    """The compute-matched TopK step count of the ReMoE run in run_dir (its saved config.toml + overrides)."""
     from remoe_recipe.model.args import remoe_flavors
     from remoe_recipe.preflight import load_config
 
+    config_path = run_dir / "config.toml"
+    if not config_path.is_file():
+        raise ValueError(f"{run_dir}: no config.toml (the trainer saves the run's resolved config there)")
+    config = load_config(["--job.config_file", str(config_path), *overrides], check_data=False)
+    args = remoe_flavors()[config.model.flavor]
+    args.update_from_config(config)
+    if not args.is_moe:
+        raise ValueError(f"{config_path}: moe.router = {config.moe.router!r} has no experts; nothing to match")
+    logged = read_run(run_dir).get(ACTIVE_TAG, {})
+    steps = run_length(logged, config.training.steps, config.metrics.log_freq)
+    try:
+        active = active_per_step(logged, steps)
+    except ValueError as e:
+        raise ValueError(f"{run_dir}: {e}") from None
+    seq_len = config.training.seq_len
+    topk_steps, total = matched_steps(lambda n: args.flops_per_token(seq_len, n), active, args.routed_top_k)
+    return Match(
+        steps=steps, mean_active=sum(active) / steps, topk_steps=topk_steps, remoe_flops_per_token=total / steps,
+        topk_flops_per_token=args.flops_per_token(seq_len, args.routed_top_k), top_k=args.routed_top_k,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="the ReMoE run's dump folder")
     p.add_argument("overrides", nargs="*", help="--section.key value overrides of the saved config, after --")
     a = p.parse_args(argv)
-    config_path = a.run_dir / "config.toml"
-    if not config_path.is_file():
-        raise SystemExit(f"{a.run_dir}: no config.toml (the trainer saves the run's resolved config there)")
-    config = load_config(["--job.config_file", str(config_path), *a.overrides], check_data=False)
-    args = remoe_flavors()[config.model.flavor]
-    args.update_from_config(config)
-    if not args.is_moe:
-        raise SystemExit(f"{config_path}: moe.router = {config.moe.router!r} has no experts; nothing to match")
     try:
-        logged = read_run(a.run_dir).get(ACTIVE_TAG, {})
-        steps = run_length(logged, config.training.steps, config.metrics.log_freq)
-        active = active_per_step(logged, steps)
+        m = match_run(a.run_dir, a.overrides)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"{a.run_dir}: {e}") from None
-    seq_len = config.training.seq_len
-    topk_steps, total = matched_steps(lambda n: args.flops_per_token(seq_len, n), active, args.routed_top_k)
-    mean_active = sum(active) / len(active)
+        raise SystemExit(str(e)) from None
     print(
-        f"{a.run_dir}: {steps} steps, {mean_active:.3f} active experts per token on average "
-        f"(TopK: {args.routed_top_k}); {total / steps:.4g} training FLOPs per token per step on average, "
-        f"{args.flops_per_token(seq_len, args.routed_top_k):.4g} for TopK."
+        f"{a.run_dir}: {m.steps} steps, {m.mean_active:.3f} active experts per token on average "
+        f"(TopK: {m.top_k}); {m.remoe_flops_per_token:.4g} training FLOPs per token per step on average, "
+        f"{m.topk_flops_per_token:.4g} for TopK."
     )
-    extra = topk_steps / steps - 1
-    print(f"compute-matched TopK: {topk_steps:.2f} steps ({100 * extra:+.1f} %): --training.steps {math.ceil(topk_steps)}")
+    extra = m.topk_steps / m.steps - 1
+    print(f"compute-matched TopK: {m.topk_steps:.2f} steps ({100 * extra:+.1f} %): --training.steps {m.steps_to_train}")
 
 
 if __name__ == "__main__":
