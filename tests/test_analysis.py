@@ -1,8 +1,7 @@
 """Routing analysis and run comparison: numbers against independent counts, figures from a real checkpoint."""
 
-from pathlib import Path
-
 import re
+from pathlib import Path
 
 import pytest
 import torch
