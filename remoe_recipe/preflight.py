@@ -69,6 +69,11 @@ def load_config(argv: list[str], check_data: bool = True, world_size: int | None
     """Parse and check (validate.check_config). check_data=False skips the checks that read this machine's
     files (the dry run validates a layout for another machine, where the data lives); world_size: the
     ranks to check the layout for (default: this launch's)."""
+    from torchtitan.tools.logging import logger
+
+    from remoe_recipe.run_log import quiet_known_noise
+
+    quiet_known_noise(logger)  # the tools that load a config print no torchtitan noise either
     argv = with_recipe_sections(argv)
     path = config_file(argv)
     if path is not None:

@@ -38,8 +38,11 @@ class _DropKnownNoise(logging.Filter):
         return not any(message.startswith(prefix) for prefix in KNOWN_NOISE)
 
 
+_NOISE_FILTER = _DropKnownNoise()
+
+
 def quiet_known_noise(logger: logging.Logger) -> None:
-    logger.addFilter(_DropKnownNoise())
+    logger.addFilter(_NOISE_FILTER)  # the same instance: adding it again is a no-op
     # Python warnings torchtitan triggers on every CPU run (fp32 autocast) and torchdata on import.
     warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
