@@ -127,7 +127,7 @@ def quality(quick: bool = False) -> dict:
 
 def small(quick: bool = False) -> dict:
     from remoe_recipe.analysis.compute_match import match_run
-    from remoe_recipe.analysis.health import assess, format_table
+    from remoe_recipe.analysis.health import assess, format_table, target_sparsity_of
     from remoe_recipe.metrics import read_expert_load
 
     seeds = [0] if quick else [0, 1, 2]
@@ -150,8 +150,7 @@ def small(quick: bool = False) -> dict:
             val = scalars["validation_metrics/loss"]
             losses[router].append(val[max(val)])
             if router != "dense":
-                target = 1 - 1 / 8 if router == "remoe" else None  # the small configs: E = 8, k = 1
-                rows.append(assess(dump.name, scalars, target, read_expert_load(dump)))
+                rows.append(assess(dump.name, scalars, target_sparsity_of(dump), read_expert_load(dump)))
     result = _quality_table(f"Validation loss, small configs (seeds {seeds}; TopK matched: {matched} steps)", losses)
     print(format_table(rows))
     result["matched_topk_steps"], result["seeds"] = matched, seeds

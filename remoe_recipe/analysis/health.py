@@ -152,7 +152,7 @@ def format_table(rows: list[Health]) -> str:
     return "\n".join(lines)
 
 
-def _target_of(run_dir: Path) -> float | None:
+def target_sparsity_of(run_dir: Path) -> float | None:
     """1 - k/E from the run's saved config (RUN/config.toml), if there is one."""
     import tomllib
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     for run_dir in a.run_dirs:
         if not run_dir.is_dir():
             raise SystemExit(f"{run_dir}: no such folder")
-        target = a.target if a.target is not None else _target_of(run_dir)
+        target = a.target if a.target is not None else target_sparsity_of(run_dir)
         try:
             rows.append(assess(run_dir.name, read_run(run_dir), target, read_expert_load(run_dir)))
         except (ValueError, FileNotFoundError) as e:
