@@ -30,6 +30,9 @@ def test_analyse_counts_on_a_fixed_routing():
                 assert r["share"][layer, d, e].item() == pytest.approx(expected)
             expected_active = sum(int(masks[layer, t].sum()) for t in rows) / len(rows)
             assert r["active_by_domain"][layer, d].item() == pytest.approx(expected_active)
+        for c in range(5):
+            expected = sum(int(masks[layer, t].sum()) == c for t in range(12)) / 12
+            assert r["count_share"][layer, c].item() == pytest.approx(expected)
     assert r["frequency"] == {5: 6, 9: 4, 7: 2}
     for tok in (5, 9, 7):
         pos = [t for t in range(12) if token_ids[t] == tok]
@@ -69,6 +72,7 @@ def test_routing_report_from_a_trained_checkpoint(tiny_checkpoint, tmp_path):
     report = (out / "report.md").read_text()
     assert "## Active experts per token by layer" in report
     assert all(f"| {layer} |" in report for layer in range(4))
+    assert "## Tokens by number of active experts" in report
     assert "## Tokens most routed to each expert, layer 0" in report
     assert "## Tokens most routed to each expert, layer 3" in report
     plays = ("hamlet", "macbeth", "lear", "othello", "romeo_and_juliet", "julius_caesar", "tempest",

@@ -34,3 +34,50 @@ def test_cpu_memory_counts_saved_activations():
     kind, nbytes = peak_memory_bytes(lambda: (torch.tanh(x @ w)).sum().backward(), torch.device("cpu"))
     # autograd saves x (for w's gradient) and tanh's output: 2 x 128 x 64 fp32.
     assert kind == "saved activations" and nbytes == 2 * 128 * 64 * 4
+
+
+def test_router_pull_against_the_closed_form_penalty_gradient():
+    """On the last layer's router weight the penalty's gradient is λ/L · xᵀ(f ⊙ 1[xW > 0]) / T (Eq. 10, f a
+    constant; earlier layers also reach later layers' terms through the residual stream), and the LM's is
+    the combined loss's gradient (one backward, as the trainer does) minus that."""
+    from benchmarks.router_pull import pull_at
+    from remoe_recipe.model.args import remoe_flavors
+    from remoe_recipe.model.model import ReMoETransformer
+    from remoe_recipe.preflight import load_config
+    from remoe_recipe.routers import get_router
+
+    torch.manual_seed(0)
+    config = load_config(["--job.config_file", "train_configs/debug_remoe.toml"])
+    args = remoe_flavors()["debugmodel"]
+    args.update_from_config(config)
+    model = ReMoETransformer(args)
+    model.init_weights(buffer_device=torch.device("cpu"))
+    objective = get_router("relu").objective(args, torch.device("cpu"))
+    batch = torch.randint(0, args.vocab_size, (4, 33))
+    coeff = 0.3
+    r = pull_at(model, objective, coeff, [batch])
+
+    routers = [moe.router for moe in model.moe_layers()]
+    inputs = []
+    hooks = [rt.register_forward_hook(lambda m, i, out: inputs.append(i[0].detach())) for rt in routers]
+    logits = model(batch[:, :-1])
+    records = model.pop_router_records()
+    for h in hooks:
+        h.remove()
+    lm = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    total = lm + coeff * torch.stack([rec.loss_term for rec in records]).mean()
+    g_total = torch.autograd.grad(total, [rt.gate.weight for rt in routers])
+    num_layers, num_experts = len(routers), args.moe.num_experts
+    for layer, (rt, x, g) in enumerate(zip(routers, inputs, g_total)):
+        on = (x @ rt.gate.weight.detach().t() > 0).float()  # [T, E]
+        tokens = x.shape[0]
+        f = on.sum(dim=0) * num_experts / (args.moe.top_k * tokens)
+        g_pen = coeff / num_layers * ((on * f).t() @ x) / tokens
+        assert r["no_expert"][layer] == pytest.approx((on.sum(dim=1) == 0).float().mean().item())
+        assert r["active"][layer] == pytest.approx(on.sum(dim=1).mean().item())
+        if layer < num_layers - 1:
+            continue
+        g_lm = g - g_pen
+        assert r["ratio"][layer] == pytest.approx((g_pen.norm() / g_lm.norm()).item(), rel=1e-3)
+        cos = torch.dot(g_pen.flatten(), g_lm.flatten()) / (g_pen.norm() * g_lm.norm())
+        assert r["cosine"][layer] == pytest.approx(cos.item(), abs=1e-3)

@@ -8,7 +8,9 @@ Runs the model (one process, CPU or one GPU) over documents of the config's vali
 - dynamic_allocation.png: active experts per token against the token's frequency (rare tokens get more);
 - domain_specialization.png: per layer, the share of each domain's tokens that activates each expert;
 - active_experts_by_layer.png: mean active experts per token by layer, one line per domain;
-- report.md: the numbers behind the figures and the tokens most routed to each expert.
+- report.md: the numbers behind the figures, per layer the share of tokens with 0, 1, 2, ... active
+  experts (a ReLU router can give a token no expert: that layer's MoE adds nothing to it), and the tokens
+  most routed to each expert.
 Domains are the documents' `source` labels (the built-in corpus: the play; the Pile: pile_set_name).
 """
 
@@ -86,6 +88,10 @@ def collect(model, tokenizer, documents, seq_len: int, max_tokens: int, device):
 def analyse(token_ids, domains, masks, tokenizer, top_n: int = 8, min_count: int = 5) -> dict:
     L, T, N = masks.shape
     active = masks.sum(dim=2).float()  # [L, T]
+    # count_share[l, c]: share of layer l's tokens that activate exactly c experts (c = 0 .. N)
+    count_share = torch.stack(
+        [torch.bincount(masks[layer].sum(dim=1), minlength=N + 1).float() / T for layer in range(L)]
+    )
     freq = Counter(token_ids)
     per_token_active = defaultdict(list)
     mean_active = active.mean(dim=0).tolist()
@@ -119,6 +125,7 @@ def analyse(token_ids, domains, masks, tokenizer, top_n: int = 8, min_count: int
         "token_text": {tok: tokenizer.decode([tok]) for tok in per_token_active},
         "share": share, "active_by_domain": active_by_domain, "top_tokens": top_tokens,
         "layer_active": active.mean(dim=1).tolist(),
+        "count_share": count_share,
     }
 
 
@@ -203,6 +210,14 @@ def write_report(result: dict, figures: list[str], out: Path, checkpoint: str | 
     for layer in range(result["layers"]):
         row = [f"{v:.2f}" for v in result["active_by_domain"][layer].tolist()]
         lines.append(f"| {layer} | " + " | ".join(row) + f" | {result['layer_active'][layer]:.2f} |")
+    shown = 4  # columns 0, 1, 2, 3 and ">= 4" active experts
+    lines += ["", "## Tokens by number of active experts", "",
+              "Share of each layer's tokens that activate exactly c experts (0: the layer's MoE adds nothing).", "",
+              "| layer | " + " | ".join(str(c) for c in range(shown)) + f" | >= {shown} |", "|---|" + "---|" * (shown + 1)]
+    for layer in range(result["layers"]):
+        share = result["count_share"][layer]
+        cells = [f"{v:.1%}" for v in share[:shown].tolist()] + [f"{share[shown:].sum().item():.1%}"]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     freq, act = result["frequency"], result["token_active"]
     common = sorted(freq, key=lambda t: -freq[t])[:10]
     lines += ["", "## Dynamic allocation", "", "Most frequent tokens and their mean active experts:", ""]
