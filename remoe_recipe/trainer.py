@@ -14,6 +14,7 @@ What the subclass adds to torchtitan's loop:
 """
 
 import contextlib
+import logging
 import os
 import signal
 from typing import Any
@@ -32,6 +33,7 @@ from remoe_recipe.infra.checkpoint_layout import (
     CheckpointError, check_resume, checkpoint_to_resume, first_line, other_steps_hint,
 )
 from remoe_recipe.metrics import RoutingMonitor, append_expert_load, load_image, tensorboard_writer
+from remoe_recipe.optim import warmup_steps
 from remoe_recipe.platform import enable_cpu_training, has_accelerator
 from remoe_recipe.router_loss import RouterLossWrapper
 from remoe_recipe.routers import get_router
@@ -43,6 +45,20 @@ from remoe_recipe.run_log import Progress, agreed_tensorboard_name, tensorboard_
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+class WarmupInTrainerSummary(logging.Filter):
+    """torchtitan's "Trainer is initialized with ... (warmup N)" line prints lr_scheduler.warmup_steps; with
+    lr_scheduler.warmup_fraction that is the unused default (200): print the warmup the schedule uses."""
+
+    def __init__(self, configured: int, used: int):
+        super().__init__()
+        self.configured, self.used = configured, used
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Trainer is initialized with"):
+            record.msg = record.msg.replace(f"(warmup {self.configured})", f"(warmup {self.used})")
+        return True
+
+
 class ReMoETrainer(Trainer):
     def __init__(self, job_config):
         enable_cpu_training()  # no-op where an accelerator is present
@@ -52,10 +68,15 @@ class ReMoETrainer(Trainer):
         self._micro_losses: list[torch.Tensor] = []
         self._grad_norm: torch.Tensor | None = None
         self._tensorboard_folder = contextlib.ExitStack()
+        summary = WarmupInTrainerSummary(
+            job_config.lr_scheduler.warmup_steps, warmup_steps(job_config.lr_scheduler, job_config.training.steps)
+        )
+        logger.addFilter(summary)
         try:
             super().__init__(job_config)  # init_distributed (below) names this run's TensorBoard folder
         finally:
             self._tensorboard_folder.close()
+            logger.removeFilter(summary)
         self.progress = Progress(job_config.training.steps)
         if not has_accelerator():
             # torchtitan divides by an A100's peak on CPU; use the stated CPU peak, or report no MFU.

@@ -16,7 +16,7 @@ from remoe_recipe.preflight import load_config
 from remoe_recipe.router_loss import RouterLossWrapper
 from remoe_recipe.routers import RouterObjective
 from remoe_recipe.routing_stats import StepRoutingStats
-from tests.runs import CONFIGS
+from tests.runs import CONFIGS, run_training
 
 LR, WD = 1e-2, 0.1
 
@@ -199,3 +199,13 @@ def test_each_step_uses_its_own_lambda(tmp_path, monkeypatch):
         assert used[2 * step] == used[2 * step + 1] == pytest.approx(lam, rel=1e-6), step
         lam = lam * 1.2 if sparsities[step] < target else lam / 1.2
     assert math.isfinite(lam)
+
+
+def test_trainer_summary_line_shows_the_warmup_the_schedule_uses(tmp_path):
+    """small_remoe.toml sets warmup_fraction = 0.1: torchtitan's summary line must not print the unused
+    warmup_steps default (200) next to the recipe's own line."""
+    proc = run_training("small_remoe.toml", tmp_path, "--training.steps", "20")
+    log = proc.stdout + proc.stderr
+    assert "Learning-rate warmup: 2 steps (lr_scheduler.warmup_fraction = 0.1)" in log
+    summary = next(line for line in log.splitlines() if "Trainer is initialized with" in line)
+    assert summary.endswith("total steps 20 (warmup 2)"), summary
