@@ -3,6 +3,7 @@
     python -m benchmarks.dynamics run --out runs/dynamics [--jobs 2] [--only r_lr5e-4 t_lr5e-4]
     python -m benchmarks.dynamics report runs/dynamics          # health table (remoe_recipe.analysis.health)
     python -m benchmarks.dynamics plot runs/dynamics --out docs/figures/dynamics_batch.png --runs r_lr5e-4 ...
+    python -m benchmarks.dynamics layers runs/dynamics --out docs/figures/layers.png --runs r_lr5e-4 ...
 
 Every run is the real entry point on the built-in corpus, 300 steps, one thread each, `--jobs` at a time
 (any device: the same command runs on CPU or, faster, on one GPU). docs/training-dynamics.md reads them.
@@ -104,6 +105,39 @@ def plot(run_dirs: list[Path], out: Path) -> None:
     print(f"wrote {out}")
 
 
+def plot_layers(run_dirs: list[Path], out: Path) -> None:
+    """One panel per run: each MoE layer's active experts per token over the steps (the controller holds
+    only their mean at k; how it is spread over the layers is learnt)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from remoe_recipe.analysis.runs import read_run
+
+    fig, axes = plt.subplots(1, len(run_dirs), figsize=(5 * len(run_dirs), 3.8), sharey=True, squeeze=False)
+    for ax, run_dir in zip(axes[0], run_dirs):
+        scalars = read_run(run_dir)
+        tags = sorted((t for t in scalars if t.startswith("moe_layers/active_experts/layer_")),
+                      key=lambda t: int(t.rsplit("_", 1)[1]))
+        if not tags:
+            raise SystemExit(f"{run_dir}: no moe_layers/active_experts/layer_* scalars (not an MoE run?)")
+        for tag in tags:
+            steps = sorted(scalars[tag])
+            ax.plot(steps, [scalars[tag][s] for s in steps], label=tag.rsplit("/", 1)[1].replace("_", " "))
+        ax.axhline(1, color="k", linestyle="--", linewidth=0.8)  # k = 1: TopK's every layer
+        ax.set_title(run_dir.name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    axes[0][0].set_ylabel("active experts per token (k = 1 dashed)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -117,6 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     pl.add_argument("folder", type=Path)
     pl.add_argument("--runs", nargs="+", required=True)
     pl.add_argument("--out", type=Path, required=True)
+    ly = sub.add_parser("layers")
+    ly.add_argument("folder", type=Path)
+    ly.add_argument("--runs", nargs="+", required=True)
+    ly.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     if a.command == "run":
         a.out.mkdir(parents=True, exist_ok=True)
@@ -127,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
 
         names = [n for n in SWEEP if (a.folder / n).is_dir()]
         print(format_table([assess(n, read_run(a.folder / n), TARGET) for n in names]))
+    elif a.command == "layers":
+        plot_layers([a.folder / n for n in a.runs], a.out)
     else:
         plot([a.folder / n for n in a.runs], a.out)
 
