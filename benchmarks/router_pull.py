@@ -9,9 +9,11 @@ gradient on every layer's router weight of
 - the router term the trainer adds: λ_N × the mean over layers of Eq. 10 (ReMoE; λ_N is the `remoe/l1_coeff`
   the run logged at step N) or aux_loss_coeff × the summed Switch loss (TopK),
 and prints per layer the norm ratio |grad penalty| / |grad LM|, their cosine, the share of tokens with no
-active expert, the active experts per token and the mean gate of the active pairs. Both losses enter the
-same AdamW update, so a ratio near 1 means the router's weights follow the penalty about as much as the
-language model. docs/training-dynamics.md (finding 13) reads it. Runs on CPU (a minute per checkpoint) or a GPU.
+active expert, the active experts per token and the mean gate of the active pairs. The gradients are the full
+ones the optimizer sees (a layer's router also reaches later layers' terms through the residual stream). Both
+losses enter the same AdamW update, so a ratio near 1 means the router's weights follow the penalty about as
+much as the language model. docs/training-dynamics.md ("Why ReMoE is behind here") reads it. Runs on CPU (a
+minute per checkpoint) or a GPU.
 """
 
 import argparse
