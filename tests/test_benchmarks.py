@@ -41,17 +41,14 @@ def test_router_pull_against_the_closed_form_penalty_gradient():
     constant; earlier layers also reach later layers' terms through the residual stream), and the LM's is
     the combined loss's gradient (one backward, as the trainer does) minus that."""
     from benchmarks.router_pull import pull_at
-    from remoe_recipe.model.args import remoe_flavors
-    from remoe_recipe.model.model import ReMoETransformer
+    from remoe_recipe.analysis.routing import load_model
     from remoe_recipe.preflight import load_config
     from remoe_recipe.routers import get_router
 
     torch.manual_seed(0)
     config = load_config(["--job.config_file", "train_configs/debug_remoe.toml"])
-    args = remoe_flavors()["debugmodel"]
-    args.update_from_config(config)
-    model = ReMoETransformer(args)
-    model.init_weights(buffer_device=torch.device("cpu"))
+    model = load_model(config, None, torch.device("cpu"))  # freshly initialised, as router_pull builds it
+    args = model.args
     objective = get_router("relu").objective(args, torch.device("cpu"))
     batch = torch.randint(0, args.vocab_size, (4, 33))
     coeff = 0.3
