@@ -67,11 +67,25 @@ def run(names: list[str], out: Path, jobs: int) -> None:
         print(f"{name} done", flush=True)
 
 
-def plot(run_dirs: list[Path], out: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path) -> None:
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    _pyplot().close(fig)
+    print(f"wrote {out}")
+
+
+def plot(run_dirs: list[Path], out: Path) -> None:
+    plt = _pyplot()
 
     from remoe_recipe.analysis.health import STARVED_FRACTION
     from remoe_recipe.analysis.runs import read_run
@@ -98,20 +112,13 @@ def plot(run_dirs: list[Path], out: Path) -> None:
     axes[0].axhline(TARGET, color="k", linestyle="--", linewidth=0.8)
     axes[2].axhline(STARVED_FRACTION, color="k", linestyle="--", linewidth=0.8)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    print(f"wrote {out}")
+    _save(fig, out)
 
 
 def plot_layers(run_dirs: list[Path], out: Path) -> None:
     """One panel per run: each MoE layer's active experts per token over the steps (the controller holds
     only their mean at k; how it is spread over the layers is learnt)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     from remoe_recipe.analysis.runs import read_run
 
@@ -131,11 +138,7 @@ def plot_layers(run_dirs: list[Path], out: Path) -> None:
         ax.set_yscale("log")
     axes[0][0].set_ylabel("active experts per token (k = 1 dashed)")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    print(f"wrote {out}")
+    _save(fig, out)
 
 
 def main(argv: list[str] | None = None) -> None:
