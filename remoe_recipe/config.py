@@ -52,6 +52,12 @@ class MoEConfig:
     expert_impl: Literal["grouped_mm", "loop"] = "grouped_mm"
     """How experts run: one torch._grouped_mm over all experts, or a per-expert loop."""
 
+    router_init_std: float | None = None
+    """Init std of the router's gate weights (relu, topk, expert_choice). Unset: the model's init std, as
+    the paper (0.01 for every matrix). Not in the paper, opt-in: the router logits' init std is this times
+    sqrt(dim), so at a narrower width than the paper's 768 the paper's 0.01 gives smaller logits
+    (0.11 at dim 128 against 0.28); 0.28 / sqrt(dim) keeps the paper's scale (0.025 at dim 128)."""
+
     pair_chunk_size: int = -1
     """Bounds the activation memory of ReMoE's dense start (stages I-II): when a micro-batch routes more
     (token, expert) pairs than this, they go through the experts in chunks of this many, each recomputed
@@ -124,6 +130,9 @@ def moe_problems(moe: MoEConfig) -> list[str]:
         ("l1_coeff_init", float), ("l1_coeff_multiplier", float), ("aux_loss_coeff", float),
         ("load_balance", bool), ("router", str), ("expert_impl", str), ("pair_chunk_size", int),
     ) if (p := _type_problem(f"moe.{name}", getattr(moe, name), expected))]
+    init_std = moe.router_init_std
+    if init_std is not None and not (_type_problem("", init_std, float) is None and init_std > 0):
+        problems.append(f"moe.router_init_std = {init_std!r}: expected a number > 0 (or unset: the model's init std)")
     if problems:
         return problems
     if moe.router not in router_names():

@@ -52,7 +52,8 @@ def format_keys() -> str:
         lines.append(f"[{section.name}]")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"{f.name} = {_toml_value(default)}")
+            # an unset default has no TOML value (TOML has no null): the key is simply left out
+            lines.append(f"# {f.name} is unset" if default is None else f"{f.name} = {_toml_value(default)}")
             if f.name in docs:
                 lines += [f"    # {line}" for line in textwrap.wrap(docs[f.name], 96)]
         if section.name == "moe":

@@ -455,6 +455,27 @@ def test_transformer_matches_naive_forward(kw):
         assert moe.router.top_k == 1 * G
 
 
+@pytest.mark.parametrize("router", ["relu", "topk"])
+@pytest.mark.parametrize("router_init_std", [None, 0.05])
+def test_router_init_std_sets_only_the_router_weights(router, router_init_std):
+    args = ReMoEModelArgs(
+        dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256, vocab_size=64, max_seq_len=16, init_std=0.01,
+        moe=MoEConfig(router=router, num_experts=8, top_k=1, router_init_std=router_init_std), flavor="test",
+    )
+    args.validate()
+    torch.manual_seed(0)
+    model = ReMoETransformer(args)
+    model.init_weights()
+    gates = torch.cat([layer.moe.router.gate.weight.flatten() for layer in model.layers.values()])
+    w1 = torch.cat([layer.moe.experts.w1.flatten() for layer in model.layers.values()])
+    # 4096 router and 1M expert samples of N(0, std): the sample std is within 5 % (router) and 1 % (w1)
+    expected = 0.01 if router_init_std is None else router_init_std
+    assert gates.std().item() == pytest.approx(expected, rel=0.05)
+    assert abs(gates.mean().item()) < 4 * expected / math.sqrt(gates.numel())
+    assert w1.std().item() == pytest.approx(0.01, rel=0.01)  # every other matrix keeps the model's init std
+    assert model.tok_embeddings.weight.std().item() == pytest.approx(0.01, rel=0.01)
+
+
 def test_pop_router_records_once_per_layer():
     model = _small_model()
     tokens = torch.randint(0, 64, (2, 8))
@@ -676,6 +697,11 @@ def test_validate_rejects_granularity_not_dividing_ffn(flavor, G):
         ("ffn_expansion", dict(router="dense", ffn_expansion=0)),
         ("aux_loss_coeff", dict(router="topk", aux_loss_coeff=-0.01)),
         ("aux_loss_coeff", dict(aux_loss_coeff="0.01")),
+        ("router_init_std", dict(router_init_std=0.0)),
+        ("router_init_std", dict(router_init_std=-0.02)),
+        ("router_init_std", dict(router_init_std="0.02")),
+        ("router_init_std", dict(router="dense", router_init_std=0.02)),  # no router weights
+        ("router_init_std", dict(router="hash", router_init_std=0.02)),
     ],
 )
 def test_moe_problems_name_the_key(key, overrides):
@@ -693,7 +719,9 @@ def test_moe_problems_name_the_key(key, overrides):
         dict(router="dense", ffn_expansion=8),
         dict(router="relu", load_balance=False, expert_impl="loop"),
         dict(router="hash", top_k=2, granularity=2),
-        dict(router="expert_choice", num_experts=16),
+        dict(router="expert_choice", num_experts=16, router_init_std=0.05),
+        dict(router="topk", router_init_std=1),
+        dict(router="relu", router_init_std=0.025),
     ],
 )
 def test_moe_problems_none_for_valid(overrides):

@@ -70,7 +70,9 @@ def test_show_config_keys_and_resolved(capsys):
     main(["keys"])
     keys = capsys.readouterr().out
     for f in dataclasses.fields(MoEConfig):
-        assert f"\n{f.name} = " in "\n" + keys, f.name
+        listed = f"\n# {f.name} is unset" if f.default is None else f"\n{f.name} = "
+        assert listed in "\n" + keys, f.name
+    assert '"None"' not in keys  # an unset key is not shown as the string "None"
     assert "lambda_0 of the adaptive L1 penalty" in keys
 
     main(["resolved", "--job.config_file", str(CONFIGS / "debug_remoe.toml"), "--moe.top_k", "2"])

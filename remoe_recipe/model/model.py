@@ -92,6 +92,7 @@ class TransformerBlock(nn.Module):
                 use_grouped_mm=args.moe.expert_impl == "grouped_mm",
                 pair_chunk_size=args.moe.pair_chunk_size,
                 num_moe_layers=args.n_layers,
+                router_init_std=args.moe.router_init_std,
             )
         else:
             self.feed_forward = FeedForward(args.dim, args.dense_ffn_dim)

@@ -187,6 +187,7 @@ class MoE(nn.Module):
         use_grouped_mm: bool,
         pair_chunk_size: int = -1,
         num_moe_layers: int = 1,
+        router_init_std: float | None = None,
     ):
         super().__init__()
         self.router = router
@@ -195,6 +196,7 @@ class MoE(nn.Module):
         self.top_k = router.top_k
         self.pair_chunk_size = pair_chunk_size
         self.num_moe_layers = num_moe_layers  # the memory the auto chunking weighs is all layers'
+        self.router_init_std = router_init_std  # None: the model's init std (the paper)
         # Set by each forward outside recompute; taken (and cleared) by `pop_record`.
         self.record: RouterRecord | None = None
         # The last forward's number of pairs, for its activation-checkpoint recompute (no host read
@@ -307,5 +309,5 @@ class MoE(nn.Module):
         return record
 
     def init_weights(self, init_std: float, output_std: float) -> None:
-        self.router.init_weights(init_std)
+        self.router.init_weights(init_std if self.router_init_std is None else self.router_init_std)
         self.experts.init_weights(init_std, output_std)

@@ -38,5 +38,6 @@ SPEC = register_router(RouterSpec(
     name="expert_choice",
     summary="baseline: each expert takes its top T·k/E tokens by softmax score (Table 2's EC; not causal)",
     build=lambda args, layer_id: ExpertChoiceRouter(args.dim, args.num_routed_experts, args.routed_top_k),
+    config_keys=("router_init_std",),
     paper_table2=PaperRow("EC (paper)", (18.86, 42.97, 60.21, 29.14, 29.26, 61.92, 27.37), 38.53),
 ))

@@ -132,7 +132,7 @@ SPEC = register_router(RouterSpec(
         args.dim, args.num_routed_experts, args.routed_top_k, args.moe.load_balance
     ),
     objective=AdaptiveL1Objective,
-    config_keys=("l1_coeff_init", "l1_coeff_multiplier", "load_balance"),
+    config_keys=("l1_coeff_init", "l1_coeff_multiplier", "load_balance", "router_init_std"),
     check=_check,
     variable_pairs=True,
     # ReLU gates of a fresh router are open for about half the experts (Fig. 4: stage I is dense).
