@@ -130,8 +130,8 @@ def moe_problems(moe: MoEConfig) -> list[str]:
         ("l1_coeff_init", float), ("l1_coeff_multiplier", float), ("aux_loss_coeff", float),
         ("load_balance", bool), ("router", str), ("expert_impl", str), ("pair_chunk_size", int),
     ) if (p := _type_problem(f"moe.{name}", getattr(moe, name), expected))]
-    init_std = moe.router_init_std
-    if init_std is not None and not (_type_problem("", init_std, float) is None and init_std > 0):
+    init_std = moe.router_init_std  # optional, so not in the table above
+    if init_std is not None and (_type_problem("moe.router_init_std", init_std, float) or not init_std > 0):
         problems.append(f"moe.router_init_std = {init_std!r}: expected a number > 0 (or unset: the model's init std)")
     if problems:
         return problems
