@@ -18,8 +18,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 1 - 1 / 8  # every run: E = 8, k = 1
 
+# The sweep's starting point, pinned here so that every name keeps its meaning whatever the shipped debug configs
+# become: the debug model at 8 x 256 tokens with every matrix initialised at the paper's 0.01, the first version's
+# lr 2e-3 with a 20-step warmup, and (ReMoE) the paper's lambda_0 = 1e-8 and alpha = 1.2. A run's overrides
+# replace these keys.
+BASE = ["--training.local_batch_size", "8", "--moe.router_init_std", "0.01", "--optimizer.lr", "2e-3",
+        "--lr_scheduler.warmup_steps", "20"]
+REMOE_BASE = ["--moe.l1_coeff_init", "1e-8", "--moe.l1_coeff_multiplier", "1.2"]
 PAPER_LR = ["--optimizer.lr", "5e-4", "--lr_scheduler.warmup_steps", "30"]
 SLOW_LAMBDA = ["--moe.l1_coeff_multiplier", "1.1", "--moe.l1_coeff_init", "1e-6"]
+B16 = ["--training.local_batch_size", "16"]
+
+
+def _ri(std: str) -> list[str]:
+    return ["--moe.router_init_std", std]
+
+
 # name: (config, overrides). r_ = ReMoE, t_ = TopK; the debug model at 8 x 256 tokens unless named.
 SWEEP: dict[str, tuple[str, list[str]]] = {
     "r_lr2e-3": ("debug_remoe.toml", []),  # the first version's quick start
@@ -37,19 +51,41 @@ SWEEP: dict[str, tuple[str, list[str]]] = {
     "r_lr5e-4_beta2=0.95": ("debug_remoe.toml", PAPER_LR + ["--optimizer.beta2", "0.95"]),
     "r_mini_lr5e-4": ("debug_remoe.toml", PAPER_LR + ["--model.flavor", "mini"]),
     "r_mini_lr5e-4_b32": ("debug_remoe.toml", PAPER_LR + ["--model.flavor", "mini", "--training.local_batch_size", "32"]),
+    # Finding 13 (router init) and 15 (the shipped debug configs: ri0.1_a1.1_b16).
+    "r_lr5e-4_ri0.025": ("debug_remoe.toml", PAPER_LR + _ri("0.025")),
+    "r_lr5e-4_ri0.1": ("debug_remoe.toml", PAPER_LR + _ri("0.1")),
+    "r_lr5e-4_ri0.025_a1.1": ("debug_remoe.toml", PAPER_LR + _ri("0.025") + SLOW_LAMBDA),
+    "r_lr5e-4_ri0.1_a1.1": ("debug_remoe.toml", PAPER_LR + _ri("0.1") + SLOW_LAMBDA),
+    "r_lr5e-4_ri0.1_a1.1_b16": ("debug_remoe.toml", PAPER_LR + _ri("0.1") + SLOW_LAMBDA + B16),
     "t_lr2e-3": ("debug_topk.toml", []),
     "t_lr5e-4": ("debug_topk.toml", PAPER_LR),
     "t_lr5e-4_b32": ("debug_topk.toml", PAPER_LR + ["--training.local_batch_size", "32"]),
     "t_mini_lr5e-4_b32": ("debug_topk.toml", PAPER_LR + ["--model.flavor", "mini", "--training.local_batch_size", "32"]),
+    "t_lr5e-4_ri0.1": ("debug_topk.toml", PAPER_LR + _ri("0.1")),
+    "t_lr5e-4_ri0.1_b16": ("debug_topk.toml", PAPER_LR + _ri("0.1") + B16),
 }
+
+
+def _merge(*parts: list[str]) -> list[str]:
+    """The command-line overrides of parts, a later part's value replacing an earlier one's for the same key
+    (a flag such as --moe.no-load_balance has no value)."""
+    merged: dict[str, str | None] = {}
+    for part in parts:
+        i = 0
+        while i < len(part):
+            has_value = i + 1 < len(part) and not part[i + 1].startswith("--")
+            merged[part[i]] = part[i + 1] if has_value else None
+            i += 2 if has_value else 1
+    return [x for key, value in merged.items() for x in ([key] if value is None else [key, value])]
 
 
 def _command(name: str, out: Path) -> list[str]:
     config, overrides = SWEEP[name]
+    base = BASE + REMOE_BASE if config == "debug_remoe.toml" else BASE
     return [
         sys.executable, "-m", "remoe_recipe.train", "--job.config_file", str(REPO / "train_configs" / config),
         "--job.dump_folder", str(out / name), "--checkpoint.no-enable", "--validation.no-enable",
-        "--metrics.log_freq", "5", *overrides,
+        "--metrics.log_freq", "5", *_merge(base, overrides),
     ]
 
 

@@ -65,10 +65,13 @@ def _scalars(dump: Path) -> dict[str, dict[int, float]]:
 def dense_start(quick: bool = False) -> dict:
     steps = 200 if quick else 1000
     common = ["--training.steps", str(steps), "--training.seq_len", "64", "--training.local_batch_size", "4",
-              "--metrics.log_freq", "1", "--validation.no-enable", "--lr_scheduler.warmup_steps", "20"]
+              "--metrics.log_freq", "1", "--validation.no-enable", "--lr_scheduler.warmup_steps", "20",
+              "--moe.router_init_std", "0.01"]
+    # The paper's init and controller, not the debug configs' (docs/training-dynamics.md, finding 15).
+    paper_controller = ["--moe.l1_coeff_init", "1e-8", "--moe.l1_coeff_multiplier", "1.2"]
     with tempfile.TemporaryDirectory() as tmp:
         remoe_dir, topk_dir = Path(tmp) / "remoe", Path(tmp) / "topk"
-        _run_pairs([("debug_remoe.toml", remoe_dir, common), ("debug_topk.toml", topk_dir, common)])
+        _run_pairs([("debug_remoe.toml", remoe_dir, common + paper_controller), ("debug_topk.toml", topk_dir, common)])
         remoe, topk = _scalars(remoe_dir), _scalars(topk_dir)
     step_time = "time_metrics/end_to_end(s)"
     settle = int(min(remoe["remoe/settling_step"].values()))

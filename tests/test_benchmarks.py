@@ -78,3 +78,23 @@ def test_router_pull_against_the_closed_form_penalty_gradient():
         assert r["ratio"][layer] == pytest.approx((g_pen.norm() / g_lm.norm()).item(), rel=1e-3)
         cos = torch.dot(g_pen.flatten(), g_lm.flatten()) / (g_pen.norm() * g_lm.norm())
         assert r["cosine"][layer] == pytest.approx(cos.item(), abs=1e-3)
+
+
+def test_dynamics_sweep_pins_its_settings_and_passes_the_config_check():
+    """Every run of the training-dynamics sweep is a valid config (no key its router refuses), and the names
+    mean what they say whatever the shipped debug configs are: a run's overrides replace the sweep's base."""
+    from pathlib import Path
+
+    from benchmarks.dynamics import SWEEP, _command
+    from remoe_recipe.preflight import load_config
+
+    for name in SWEEP:
+        argv = _command(name, Path("/nonexistent"))[3:]  # after `python -m remoe_recipe.train`
+        config = load_config(argv)
+        lr, batch = config.optimizer.lr, config.training.local_batch_size
+        assert lr == (2e-3 if "lr2e-3" in name else 1e-3 if "lr1e-3" in name else 5e-4), name
+        assert batch == (32 if "_b32" in name else 128 if "_b128" in name else 16 if "_b16" in name else 8), name
+        assert config.moe.router_init_std == (0.1 if "ri0.1" in name else 0.025 if "ri0.025" in name else 0.01), name
+        if name.startswith("r_"):
+            assert config.moe.l1_coeff_multiplier == (1.1 if "a1.1" in name else 1.2), name
+            assert config.moe.load_balance == ("noLB" not in name), name

@@ -227,8 +227,8 @@ def test_routers_without_remote_code_are_refused_before_training(router):
     from remoe_recipe.preflight import load_config
 
     with pytest.raises(ConfigError) as info:
-        load_config(["--job.config_file", str(CONFIGS / "debug_topk.toml"), "--moe.router", router,
+        load_config(["--job.config_file", str(CONFIGS / "debug_hash.toml"), "--moe.router", router,
                      "--checkpoint.last_save_in_hf", "--checkpoint.last_save_model_only"])
     [line] = str(info.value).splitlines()
     assert line.startswith(f"checkpoint.last_save_in_hf: moe.router = '{router}'") and "relu, topk, dense" in line
-    load_config(["--job.config_file", str(CONFIGS / "debug_topk.toml"), "--moe.router", router])  # training is fine
+    load_config(["--job.config_file", str(CONFIGS / "debug_hash.toml"), "--moe.router", router])  # training is fine

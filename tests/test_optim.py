@@ -172,7 +172,7 @@ def test_each_step_uses_its_own_lambda(tmp_path, monkeypatch):
         "--job.config_file", str(CONFIGS / "debug_remoe.toml"), "--job.dump_folder", str(tmp_path),
         "--training.steps", "4", "--training.seq_len", "32", "--training.local_batch_size", "2",
         "--training.global_batch_size", "4", "--checkpoint.no-enable", "--validation.no-enable",
-        "--metrics.no-enable_tensorboard", "--moe.l1_coeff_init", "0.5",
+        "--metrics.no-enable_tensorboard", "--moe.l1_coeff_init", "0.5", "--moe.l1_coeff_multiplier", "1.2",
     ])
     train_module._single_process_env()
     trainer = train_module.ReMoETrainer(config)

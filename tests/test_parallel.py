@@ -200,10 +200,9 @@ def _print_measured():
          "activation_checkpoint.selective_ac_option = 'op' with parallelism.expert_parallel_degree = 2"),
         (2, ["--parallelism.data_parallel_shard_degree", "4"],
          "data_parallel_shard_degree (4) = 4, but there are 2 ranks"),
-        (2, [*EP2, "--moe.router", "dense"], "moe.router = 'dense' has no experts"),
     ],
     ids=["E_not_divisible_by_EP", "EP_not_dividing_dp", "EP_not_dividing_dp_shard_in_HSDP",
-         "granularity_not_dividing_ffn", "op_sac_with_ep", "degrees_not_world", "ep_without_experts"],
+         "granularity_not_dividing_ffn", "op_sac_with_ep", "degrees_not_world"],
 )
 def test_bad_layout_fails_at_parse_time_in_one_line(monkeypatch, world_size, override, expected):
     from remoe_recipe.preflight import load_config
@@ -215,6 +214,18 @@ def test_bad_layout_fails_at_parse_time_in_one_line(monkeypatch, world_size, ove
     assert expected in message and "\n" not in message
     if "'op'" in expected:
         assert "use activation_checkpoint.mode = 'full'" in message  # says what to use instead
+
+
+def test_expert_parallel_without_experts_fails_in_one_line(monkeypatch):
+    """The dense baseline's own config (debug_remoe.toml with --moe.router dense would first be refused for
+    its router-specific keys) with expert parallelism: one line naming the router."""
+    from remoe_recipe.preflight import load_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError) as info:
+        load_config(["--job.config_file", str(CONFIGS / "debug_dense.toml"), *EP2])
+    message = str(info.value)
+    assert "moe.router = 'dense' has no experts" in message and "\n" not in message
 
 
 def test_op_sac_with_ep_stops_the_entry_point_before_training(tmp_path):

@@ -26,8 +26,8 @@ def _write(tmp_path, text, name="c.toml"):
         ("steps = 300", "stepz = 300", "unknown key training.stepz"),
         ("num_experts = 8", 'num_experts = "8"', "moe.num_experts = '8': expected int"),
         ("steps = 300", "steps = 3.5", "training.steps = 3.5"),
-        ("top_k = 1", "top_k = 1\nrouter_init_std = 0", "moe.router_init_std = 0"),
-        ("top_k = 1", 'top_k = 1\nrouter_init_std = "0.02"', "moe.router_init_std = '0.02'"),
+        ("router_init_std = 0.1", "router_init_std = 0", "moe.router_init_std = 0"),
+        ("router_init_std = 0.1", 'router_init_std = "0.02"', "moe.router_init_std = '0.02'"),
     ],
 )
 def test_toml_mistakes_name_the_key(tmp_path, old, new, message):

@@ -13,10 +13,11 @@ STEPS = 60
 ALPHA = 1.2
 TARGET = 1 - 1 / 8  # debug configs: E = 8, k = 1
 # A larger lambda_0 than the paper's 1e-8 and the first version's lr 2e-3 (the debug configs now use the
-# paper's 5e-4) so that a 60-step test of the controller's mechanics reaches the sparse stage.
+# paper's 5e-4) so that a 60-step test of the controller's mechanics reaches the sparse stage; alpha given here,
+# not read from the config, so that the test's expectation is independent of it.
 REMOE_FAST = [
-    "--moe.l1_coeff_init", "1e-3", "--training.steps", str(STEPS), "--lr_scheduler.warmup_steps", "5",
-    "--optimizer.lr", "2e-3",
+    "--moe.l1_coeff_init", "1e-3", "--moe.l1_coeff_multiplier", str(ALPHA), "--training.steps", str(STEPS),
+    "--lr_scheduler.warmup_steps", "5", "--optimizer.lr", "2e-3",
 ]
 
 
@@ -143,7 +144,8 @@ def test_two_ranks_with_gradient_accumulation_share_lambda(tmp_path):
     """2 processes (gloo), 2 micro-batches each: every rank logs the same lambda and sparsity."""
     run_training(
         "debug_remoe.toml", tmp_path, "--training.steps", "8", "--training.global_batch_size", "16",
-        "--metrics.save_for_all_ranks", "--moe.l1_coeff_init", "1e-2", nproc=2,
+        "--metrics.save_for_all_ranks", "--moe.l1_coeff_init", "1e-2", "--moe.l1_coeff_multiplier", str(ALPHA),
+        nproc=2,
     )
     ranks = [read_run(d) for d in sorted(tmp_path.glob("tb/*/rank_*"))]
     assert len(ranks) == 2
