@@ -66,26 +66,13 @@ SWEEP: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def _merge(*parts: list[str]) -> list[str]:
-    """The command-line overrides of parts, a later part's value replacing an earlier one's for the same key
-    (a flag such as --moe.no-load_balance has no value)."""
-    merged: dict[str, str | None] = {}
-    for part in parts:
-        i = 0
-        while i < len(part):
-            has_value = i + 1 < len(part) and not part[i + 1].startswith("--")
-            merged[part[i]] = part[i + 1] if has_value else None
-            i += 2 if has_value else 1
-    return [x for key, value in merged.items() for x in ([key] if value is None else [key, value])]
-
-
 def _command(name: str, out: Path) -> list[str]:
     config, overrides = SWEEP[name]
     base = BASE + REMOE_BASE if config == "debug_remoe.toml" else BASE
     return [
         sys.executable, "-m", "remoe_recipe.train", "--job.config_file", str(REPO / "train_configs" / config),
         "--job.dump_folder", str(out / name), "--checkpoint.no-enable", "--validation.no-enable",
-        "--metrics.log_freq", "5", *_merge(base, overrides),
+        "--metrics.log_freq", "5", *base, *overrides,  # a flag given twice: the later value wins (argparse)
     ]
 
 
